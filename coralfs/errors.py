@@ -1,0 +1,130 @@
+"""One error hierarchy for coralfs.
+
+Every error carries a CLI exit code and an errno for the FUSE layer. The class
+docstring is the default message (borg style).
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class CoralError(Exception):
+    """coralfs error"""
+
+    exit_code: int = 1
+    errno: int = errno.EIO
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class NotARepository(CoralError):
+    """not a coralfs repository"""
+
+    exit_code = 2
+    errno = errno.ENOENT
+
+
+class RepositoryExists(CoralError):
+    """a repository already exists here"""
+
+    exit_code = 2
+    errno = errno.EEXIST
+
+
+class UnknownRevision(CoralError):
+    """unknown revision"""
+
+    exit_code = 3
+    errno = errno.ENOENT
+
+
+class AmbiguousRevision(UnknownRevision):
+    """ambiguous revision prefix"""
+
+
+class PathNotFound(CoralError):
+    """path not found"""
+
+    exit_code = 3
+    errno = errno.ENOENT
+
+
+class InvalidPath(CoralError):
+    """invalid path name"""
+
+    exit_code = 2
+    errno = errno.EINVAL
+
+
+class InvalidName(CoralError):
+    """invalid branch or tag name"""
+
+    exit_code = 2
+    errno = errno.EINVAL
+
+
+class RefExists(CoralError):
+    """ref already exists"""
+
+    exit_code = 4
+    errno = errno.EEXIST
+
+
+class NothingToCommit(CoralError):
+    """nothing to commit"""
+
+    exit_code = 5
+
+
+class WouldOverwrite(CoralError):
+    """checkout would overwrite uncommitted changes"""
+
+    exit_code = 6
+    errno = errno.EBUSY
+
+
+class ConcurrentUpdate(CoralError):
+    """the ref was changed by someone else"""
+
+    exit_code = 7
+    errno = errno.EAGAIN
+
+
+class MergeConflict(CoralError):
+    """merge conflict"""
+
+    exit_code = 8
+
+
+class IntegrityError(CoralError):
+    """stored data does not match its id (corruption)"""
+
+    exit_code = 9
+    errno = errno.EIO
+
+
+class MissingObject(IntegrityError):
+    """object missing from the store"""
+
+
+class FormatError(CoralError):
+    """malformed record or object"""
+
+    exit_code = 9
+    errno = errno.EIO
+
+
+class ReadOnly(CoralError):
+    """read-only: commits and tags are immutable"""
+
+    exit_code = 10
+    errno = errno.EROFS
+
+
+class InvalidArgument(CoralError):
+    """invalid argument"""
+
+    exit_code = 2
+    errno = errno.EINVAL

@@ -1,0 +1,215 @@
+"""Ingest: file bytes -> chunks (deduplicated, delta-encoded) -> a Manifest.
+
+Tensor data is cut into pieces of about CHUNK_TARGET bytes (a multiple of the element
+width) so a random read decodes one piece, not a whole embedding matrix. Each new
+tensor piece is encoded against a base: the same piece of the same tensor in the
+file's previous version, or, for a file with no history, the latest piece of that
+tensor name/dtype anywhere in the repository (a persistent index). Plain bytes are cut
+by content-defined chunking so dedup survives shifted bytes.
+
+Encoding runs on a small thread pool (zstd and numpy release the GIL); at most a few
+chunks are in flight and records are written in bounded batches, so memory stays
+bounded for a file of any size (the file itself is memory-mapped).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import pyfastcdc
+
+from coralfs import records
+from coralfs.errors import CoralError
+from coralfs.formats import Region, split
+from coralfs.hashing import digest
+from coralfs.objects import Manifest, Piece, Segment
+from coralfs.objectstore import ObjectStore
+from coralfs.store import Txn
+
+CHUNK_TARGET = 4 << 20
+INLINE_MAX = 1024
+CDC_MIN, CDC_AVG, CDC_MAX = 256 << 10, 1 << 20, 4 << 20
+BATCH_BYTES = 64 << 20
+DEFAULT_MAX_DEPTH = 8
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class IngestStats:
+    logical: int = 0
+    chunks: int = 0
+    new_chunks: int = 0
+    dedup_chunks: int = 0
+    delta_chunks: int = 0
+    stored: int = 0
+    by_codec: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: IngestStats) -> None:
+        for k in ("logical", "chunks", "new_chunks", "dedup_chunks", "delta_chunks", "stored"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        for k, v in other.by_codec.items():
+            self.by_codec[k] = self.by_codec.get(k, 0) + v
+
+
+def tensor_index_key(dtype: str, name: str, piece: int) -> bytes:
+    return b"tb\x00" + dtype.encode() + b"\x00" + name.encode() + b"\x00" + str(piece).encode()
+
+
+class MappedFile:
+    """A read-only memory map of a file (empty files give an empty view)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._f = open(path, "rb")  # noqa: SIM115
+        size = os.fstat(self._f.fileno()).st_size
+        self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        self.view = memoryview(self._mm) if self._mm is not None else memoryview(b"")
+
+    def close(self) -> None:
+        self.view.release()
+        if self._mm is not None:
+            self._mm.close()
+        self._f.close()
+
+    def __enter__(self) -> MappedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Ingestor:
+    def __init__(self, ostore: ObjectStore, max_depth: int = DEFAULT_MAX_DEPTH, threads: int = 2) -> None:
+        self.ostore = ostore
+        self.max_depth = max_depth
+        self.threads = threads
+        self._cdc = pyfastcdc.FastCDC(avg_size=CDC_AVG, min_size=CDC_MIN, max_size=CDC_MAX)
+
+    # -- cutting ---------------------------------------------------------------
+    def _bytes_pieces(self, view: memoryview, r: Region) -> Iterator[tuple[int, int]]:
+        n = r.end - r.start
+        if n <= CDC_MIN:
+            yield r.start, r.end
+            return
+        for c in self._cdc.cut_buf(view[r.start : r.end]):
+            yield r.start + c.offset, r.start + c.offset + c.length
+
+    @staticmethod
+    def _tensor_pieces(r: Region) -> Iterator[tuple[int, int]]:
+        step = max(r.width, CHUNK_TARGET - CHUNK_TARGET % r.width)
+        for s in range(r.start, r.end, step):
+            yield s, min(s + step, r.end)
+
+    # -- base selection --------------------------------------------------------
+    def _base_for(self, t: Txn, r: Region, i: int, prev: dict[str, Segment]) -> bytes | None:
+        seg = prev.get(r.name)
+        cid = None
+        if seg is not None and seg.dtype == r.dtype and i < len(seg.pieces):
+            cid = seg.pieces[i].chunk
+        if cid is None:
+            cid = t.get("index", tensor_index_key(r.dtype, r.name, i))
+        if cid is None or not t.has("chunks", cid):
+            return None
+        return cid
+
+    def _encode_job(self, raw: memoryview, width: int, base_cid: bytes | None) -> bytes:
+        if base_cid is None:
+            return records.encode_tensor(raw, width)
+        h = self.ostore.chunk_header(base_cid)
+        if h.depth >= self.max_depth:
+            return records.encode_tensor(raw, width)  # a keyframe bounds the chain
+        base = self.ostore.get_chunk(base_cid)
+        base2 = None
+        if h.bases and h.depth >= 1:
+            b2 = h.bases[0]
+            base2 = (b2, self.ostore.get_chunk(b2))
+        return records.encode_tensor(raw, width, (base_cid, base), base2, h.depth)
+
+    # -- ingest ----------------------------------------------------------------
+    def ingest(self, view: memoryview, name: str = "", prev: Manifest | None = None,
+               progress: Progress | None = None) -> tuple[Manifest, IngestStats]:
+        """Store ``view``'s chunks and return its manifest (not yet stored)."""
+        size = len(view)
+        fmt, regions = split(view, name)
+        prev_tensors = prev.tensors() if prev is not None else {}
+        stats = IngestStats(logical=size)
+        segments: list[Segment] = []
+        seen: set[bytes] = set()
+        batch: list[tuple[bytes, bytes]] = []
+        batch_bytes = 0
+        pending: list[tuple[bytes, Future[bytes], bool]] = []
+        index_updates: dict[bytes, bytes] = {}
+        done = 0
+
+        def flush() -> None:
+            nonlocal batch, batch_bytes
+            if batch:
+                self.ostore.put_records(batch)
+                batch, batch_bytes = [], 0
+
+        def drain(limit: int) -> None:
+            nonlocal batch_bytes
+            while len(pending) > limit:
+                cid, fut, _ = pending.pop(0)
+                rec = fut.result()
+                h = records.parse_header(rec)
+                cname = records.CODEC_NAMES[h.codec]
+                stats.by_codec[cname] = stats.by_codec.get(cname, 0) + len(rec)
+                stats.delta_chunks += 1 if h.bases else 0
+                stats.stored += len(rec)
+                batch.append((cid, rec))
+                batch_bytes += len(rec)
+                if batch_bytes >= BATCH_BYTES:
+                    flush()
+
+        with ThreadPoolExecutor(self.threads) as pool:
+            for r in regions:
+                pieces: list[Piece] = []
+                if r.kind == "bytes" and r.end - r.start <= INLINE_MAX:
+                    pieces.append(Piece(r.end - r.start, None, bytes(view[r.start : r.end])))
+                else:
+                    cuts = self._tensor_pieces(r) if r.kind == "tensor" else self._bytes_pieces(view, r)
+                    for i, (s, e) in enumerate(cuts):
+                        raw = view[s:e]
+                        cid = digest(raw)
+                        pieces.append(Piece(e - s, cid))
+                        stats.chunks += 1
+                        if r.kind == "tensor":
+                            index_updates[tensor_index_key(r.dtype, r.name, i)] = cid
+                        if cid in seen:
+                            stats.dedup_chunks += 1
+                            continue
+                        seen.add(cid)
+                        with self.ostore.store.read() as t:
+                            if t.has("chunks", cid):
+                                stats.dedup_chunks += 1
+                                continue
+                            base = self._base_for(t, r, i, prev_tensors) if r.kind == "tensor" else None
+                        stats.new_chunks += 1
+                        if r.kind == "tensor":
+                            fut = pool.submit(self._encode_job, raw, r.width, base)
+                        else:
+                            fut = pool.submit(records.encode_bytes, raw)
+                        pending.append((cid, fut, r.kind == "tensor"))
+                        drain(self.threads * 2)
+                        done = e
+                        if progress is not None:
+                            progress(done, size)
+                segments.append(Segment(r.kind, tuple(pieces), r.name, r.dtype, r.width, r.shape))
+            drain(0)
+        flush()
+        if index_updates:
+            def upd(t: Txn) -> None:
+                for k, v in index_updates.items():
+                    t.put("index", k, v)
+            self.ostore.store.write(upd)
+        if progress is not None:
+            progress(size, size)
+        manifest = Manifest(size, digest(view), fmt, tuple(segments))
+        if sum(s.length for s in segments) != size:
+            raise CoralError("internal error: segments do not cover the file")
+        return manifest, stats

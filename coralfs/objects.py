@@ -1,0 +1,237 @@
+"""Objects: plain values with serialize/deserialize and no I/O.
+
+Encoding (every object): ``b"CRO" | version u8 | type u8 | compression u8 | body``;
+body is canonical JSON (sorted keys), zstd-compressed when that pays. The object id
+is the BLAKE3 of the whole encoding.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+import zstandard
+
+from coralfs.errors import FormatError, InvalidPath
+from coralfs.hashing import digest
+
+MAGIC = b"CRO"
+VERSION = 1
+TYPE_MANIFEST, TYPE_TREE, TYPE_COMMIT, TYPE_TAG = 1, 2, 3, 4
+_TYPE_NAMES = {TYPE_MANIFEST: "manifest", TYPE_TREE: "tree", TYPE_COMMIT: "commit", TYPE_TAG: "tag"}
+
+MODE_FILE = 0o100644
+MODE_EXEC = 0o100755
+
+
+def check_path(path: str) -> str:
+    """Validate and normalise a path inside a tree: relative, '/'-separated, no '..'."""
+    if not isinstance(path, str) or not path:
+        raise InvalidPath("empty path")
+    if "\x00" in path:
+        raise InvalidPath(f"path contains NUL: {path!r}")
+    if path.startswith("/") or "\\" in path:
+        raise InvalidPath(f"path must be relative and use '/': {path!r}")
+    parts = path.split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise InvalidPath(f"invalid path component {part!r} in {path!r}")
+    if parts[0] == ".coralfs":
+        raise InvalidPath(f"reserved path: {path!r}")
+    return posixpath.normpath(path)
+
+
+def _pack(type_: int, body: dict[str, Any]) -> bytes:
+    raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(raw) > 4096:
+        comp = zstandard.ZstdCompressor(level=6).compress(raw)
+        if len(comp) < len(raw):
+            return MAGIC + bytes((VERSION, type_, 1)) + comp
+    return MAGIC + bytes((VERSION, type_, 0)) + raw
+
+
+def unpack(data: bytes) -> tuple[int, dict[str, Any]]:
+    if len(data) < 6 or data[:3] != MAGIC:
+        raise FormatError("object has a bad magic")
+    version, type_, comp = data[3], data[4], data[5]
+    if version != VERSION:
+        raise FormatError(f"object version {version} is not supported")
+    if type_ not in _TYPE_NAMES:
+        raise FormatError(f"unknown object type {type_}")
+    body = data[6:]
+    try:
+        if comp == 1:
+            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 30)
+        elif comp != 0:
+            raise FormatError(f"unknown object compression {comp}")
+        return type_, json.loads(body)
+    except (ValueError, zstandard.ZstdError) as e:
+        raise FormatError(f"undecodable {_TYPE_NAMES[type_]} object: {e}") from e
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of a file's bytes: one chunk, or a few bytes kept inline."""
+
+    length: int
+    chunk: bytes | None = None
+    inline: bytes | None = None
+
+    def to_json(self) -> list:
+        if self.inline is not None:
+            return [self.length, None, base64.b64encode(self.inline).decode()]
+        assert self.chunk is not None
+        return [self.length, self.chunk.hex()]
+
+    @classmethod
+    def from_json(cls, v: list) -> Piece:
+        if v[1] is None:
+            return cls(int(v[0]), None, base64.b64decode(v[2]))
+        return cls(int(v[0]), bytes.fromhex(v[1]))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous range of a file: plain bytes, or one tensor's data."""
+
+    kind: str  # "bytes" | "tensor"
+    pieces: tuple[Piece, ...]
+    name: str = ""
+    dtype: str = ""
+    width: int = 1
+    shape: tuple[int, ...] | None = None
+
+    @property
+    def length(self) -> int:
+        return sum(p.length for p in self.pieces)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"k": self.kind, "p": [p.to_json() for p in self.pieces]}
+        if self.kind == "tensor":
+            d.update(name=self.name, dtype=self.dtype, w=self.width)
+            if self.shape is not None:
+                d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Segment:
+        shape = d.get("shape")
+        return cls(d["k"], tuple(Piece.from_json(p) for p in d["p"]), d.get("name", ""), d.get("dtype", ""),
+                   int(d.get("w", 1)), tuple(shape) if shape is not None else None)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """How to rebuild one file's content: its segments, in order."""
+
+    size: int
+    file_hash: bytes
+    format: str
+    segments: tuple[Segment, ...]
+
+    def serialize(self) -> bytes:
+        return _pack(TYPE_MANIFEST, {"size": self.size, "hash": self.file_hash.hex(), "format": self.format,
+                                     "segments": [s.to_json() for s in self.segments]})
+
+    @classmethod
+    def from_body(cls, b: dict[str, Any]) -> Manifest:
+        return cls(int(b["size"]), bytes.fromhex(b["hash"]), b["format"],
+                   tuple(Segment.from_json(s) for s in b["segments"]))
+
+    def tensors(self) -> dict[str, Segment]:
+        return {s.name: s for s in self.segments if s.kind == "tensor"}
+
+    def chunk_ids(self) -> list[bytes]:
+        return [p.chunk for s in self.segments for p in s.pieces if p.chunk is not None]
+
+
+@dataclass(frozen=True)
+class TreeEntry:
+    manifest: bytes
+    size: int
+    mode: int = MODE_FILE
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A flat, sorted map of file path -> entry (directories are implied by paths)."""
+
+    entries: dict[str, TreeEntry] = field(default_factory=dict)
+
+    def serialize(self) -> bytes:
+        return _pack(TYPE_TREE, {"entries": [[p, e.manifest.hex(), e.size, e.mode]
+                                             for p, e in sorted(self.entries.items())]})
+
+    @classmethod
+    def from_body(cls, b: dict[str, Any]) -> Tree:
+        return cls({p: TreeEntry(bytes.fromhex(m), int(s), int(mode)) for p, m, s, mode in b["entries"]})
+
+    def dirs(self) -> set[str]:
+        out: set[str] = set()
+        for p in self.entries:
+            d = posixpath.dirname(p)
+            while d and d not in out:
+                out.add(d)
+                d = posixpath.dirname(d)
+        return out
+
+
+@dataclass(frozen=True)
+class Commit:
+    tree: bytes
+    parents: tuple[bytes, ...]
+    author: str
+    time: float
+    message: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def serialize(self) -> bytes:
+        return _pack(TYPE_COMMIT, {"tree": self.tree.hex(), "parents": [p.hex() for p in self.parents],
+                                   "author": self.author, "time": self.time, "message": self.message,
+                                   "metrics": self.metrics, "meta": self.meta})
+
+    @classmethod
+    def from_body(cls, b: dict[str, Any]) -> Commit:
+        return cls(bytes.fromhex(b["tree"]), tuple(bytes.fromhex(p) for p in b["parents"]), b["author"],
+                   float(b["time"]), b["message"], dict(b.get("metrics", {})), dict(b.get("meta", {})))
+
+
+@dataclass(frozen=True)
+class Tag:
+    name: str
+    commit: bytes
+    tagger: str
+    time: float
+    message: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def serialize(self) -> bytes:
+        return _pack(TYPE_TAG, {"name": self.name, "commit": self.commit.hex(), "tagger": self.tagger,
+                                "time": self.time, "message": self.message, "metrics": self.metrics,
+                                "meta": self.meta})
+
+    @classmethod
+    def from_body(cls, b: dict[str, Any]) -> Tag:
+        return cls(b["name"], bytes.fromhex(b["commit"]), b["tagger"], float(b["time"]), b.get("message", ""),
+                   dict(b.get("metrics", {})), dict(b.get("meta", {})))
+
+
+Object = Manifest | Tree | Commit | Tag
+_CLASSES: dict[int, Any] = {TYPE_MANIFEST: Manifest, TYPE_TREE: Tree, TYPE_COMMIT: Commit, TYPE_TAG: Tag}
+
+
+def deserialize(data: bytes) -> Object:
+    type_, body = unpack(data)
+    try:
+        return _CLASSES[type_].from_body(body)
+    except (KeyError, TypeError, ValueError) as e:
+        raise FormatError(f"malformed {_TYPE_NAMES[type_]} object: {e}") from e
+
+
+def object_id(data: bytes) -> bytes:
+    return digest(data)

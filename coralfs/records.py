@@ -1,0 +1,145 @@
+"""Chunk records: the self-describing value stored under a chunk id.
+
+Layout (little endian)::
+
+    magic  b"CRF"   3 bytes
+    version         u8   (1)
+    codec           u8   (0 raw, 1 zstd, >=2 see coralfs.tensorcodec)
+    width           u8   element width in bytes (1 for non-tensor data)
+    nbases          u8   number of base chunk ids that follow the header
+    flags           u8   reserved, 0
+    depth           u16  delta-chain depth (0 = decodes on its own)
+    raw_len         u64  length of the decoded bytes
+    bases           nbases * 32 bytes
+    payload
+
+The chunk id is the BLAKE3 of the decoded bytes, so a record can be re-encoded
+(other codec, other base) without changing any id that points at it.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import zstandard
+
+from coralfs import tensorcodec
+from coralfs.errors import FormatError
+from coralfs.hashing import ID_LEN
+
+MAGIC = b"CRF"
+VERSION = 1
+_HEADER = struct.Struct("<3sBBBBBHQ")
+HEADER_LEN = _HEADER.size
+
+RAW = 0
+ZSTD = 1
+
+CODEC_NAMES: dict[int, str] = {
+    RAW: "raw",
+    ZSTD: "zstd",
+    tensorcodec.PLANES: "planes",
+    tensorcodec.XOR: "xor-delta",
+    tensorcodec.SUB: "sub-delta",
+}
+for _name in dir(tensorcodec):  # codecs the tensor codec module adds later get a name too
+    _value = getattr(tensorcodec, _name)
+    if _name.isupper() and isinstance(_value, int) and 2 <= _value < 64:
+        CODEC_NAMES.setdefault(_value, _name.lower())
+
+_local = threading.local()
+
+
+def _zc() -> zstandard.ZstdCompressor:
+    c = getattr(_local, "zc", None)
+    if c is None:
+        c = _local.zc = zstandard.ZstdCompressor(level=3)
+    return c
+
+
+def _zd() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "zd", None)
+    if d is None:
+        d = _local.zd = zstandard.ZstdDecompressor()
+    return d
+
+
+@dataclass(frozen=True)
+class RecordHeader:
+    codec: int
+    width: int
+    depth: int
+    raw_len: int
+    bases: tuple[bytes, ...]
+    payload_offset: int
+
+
+def parse_header(value: bytes | memoryview) -> RecordHeader:
+    if len(value) < HEADER_LEN:
+        raise FormatError("chunk record too short")
+    magic, version, codec, width, nbases, _flags, depth, raw_len = _HEADER.unpack_from(value, 0)
+    if magic != MAGIC:
+        raise FormatError("chunk record has a bad magic")
+    if version != VERSION:
+        raise FormatError(f"chunk record version {version} is not supported")
+    if codec not in CODEC_NAMES:
+        raise FormatError(f"unknown codec id {codec}")
+    end = HEADER_LEN + nbases * ID_LEN
+    if len(value) < end:
+        raise FormatError("chunk record truncated")
+    bases = tuple(bytes(value[HEADER_LEN + i * ID_LEN : HEADER_LEN + (i + 1) * ID_LEN]) for i in range(nbases))
+    return RecordHeader(codec, width, depth, raw_len, bases, end)
+
+
+def pack(codec: int, width: int, raw_len: int, payload: bytes | memoryview,
+         bases: tuple[bytes, ...] = (), depth: int = 0) -> bytes:
+    header = _HEADER.pack(MAGIC, VERSION, codec, width, len(bases), 0, depth, raw_len)
+    return b"".join((header, *bases, payload))
+
+
+def encode_bytes(raw: bytes | memoryview) -> bytes:
+    """Record for non-tensor bytes: zstd, or raw when compression does not pay."""
+    comp = _zc().compress(raw)
+    if len(comp) < len(raw) * 0.97:
+        return pack(ZSTD, 1, len(raw), comp)
+    return pack(RAW, 1, len(raw), raw)
+
+
+def encode_tensor(raw: bytes | memoryview, width: int, base: tuple[bytes, bytes] | None = None,
+                  base2: tuple[bytes, bytes] | None = None, base_depth: int = 0) -> bytes:
+    """Record for tensor bytes. ``base``/``base2`` are ``(chunk_id, decoded_bytes)``."""
+    codec, payload = tensorcodec.encode(raw, width, base[1] if base else None, base2[1] if base2 else None)
+    if codec == RAW:
+        return pack(RAW, width, len(raw), raw)
+    used = tensorcodec.uses_bases(codec)
+    bases: tuple[bytes, ...] = ()
+    if used >= 1 and base is not None:
+        bases = (base[0],) if used == 1 or base2 is None else (base[0], base2[0])
+    depth = base_depth + 1 if bases else 0
+    return pack(codec, width, len(raw), payload, bases, depth)
+
+
+def decode(value: bytes | memoryview, load_base: Callable[[bytes], bytes]) -> bytes:
+    """Decode a record; ``load_base(chunk_id)`` returns a base chunk's decoded bytes."""
+    h = parse_header(value)
+    payload = memoryview(value)[h.payload_offset :]
+    if h.codec == RAW:
+        out = bytes(payload)
+    elif h.codec == ZSTD:
+        try:
+            out = _zd().decompress(payload, max_output_size=h.raw_len)
+        except zstandard.ZstdError as e:
+            raise FormatError(f"zstd: {e}") from e
+    else:
+        bases = [load_base(b) for b in h.bases]
+        try:
+            out = tensorcodec.decode(h.codec, bytes(payload), h.raw_len, h.width,
+                                     bases[0] if bases else None, bases[1] if len(bases) > 1 else None)
+        except (ValueError, zstandard.ZstdError) as e:
+            raise FormatError(f"{CODEC_NAMES[h.codec]}: {e}") from e
+    if len(out) != h.raw_len:
+        raise FormatError("decoded chunk has the wrong length")
+    return out

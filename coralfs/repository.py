@@ -1,0 +1,857 @@
+"""The repository API: init, add/rm/save, commit, branches, tags, checkout, log, open.
+
+A repository directory is also the work tree; the store lives in ``.coralfs/``.
+Every commit is one LMDB write transaction (tree + commit + ref compare-and-swap +
+consumed stage entries), so a crash leaves either the old or the new head.
+"""
+
+from __future__ import annotations
+
+import getpass
+import heapq
+import io
+import json
+import os
+import re
+import socket
+import stat as stat_mod
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from coralfs import refs
+from coralfs.errors import (
+    AmbiguousRevision,
+    ConcurrentUpdate,
+    CoralError,
+    InvalidArgument,
+    NotARepository,
+    NothingToCommit,
+    PathNotFound,
+    RefExists,
+    RepositoryExists,
+    UnknownRevision,
+    WouldOverwrite,
+)
+from coralfs.hashing import hasher
+from coralfs.ingest import DEFAULT_MAX_DEPTH, IngestStats, Ingestor, MappedFile, Progress
+from coralfs.objects import (
+    MODE_EXEC,
+    MODE_FILE,
+    Commit,
+    Manifest,
+    Tag,
+    Tree,
+    TreeEntry,
+    check_path,
+)
+from coralfs.objectstore import ObjectStore
+from coralfs.reader import FileReader, FileView
+from coralfs.store import Store, Txn
+
+CORAL_DIR = ".coralfs"
+FORMAT_VERSION = 1
+_REV_SUFFIX = re.compile(r"(~\d*|\^\d*)$")
+_HEX = re.compile(r"^[0-9a-f]{4,64}$")
+
+Changes = Mapping[str, "TreeEntry | None"]
+
+
+def default_author() -> str:
+    env = os.environ.get("CORALFS_AUTHOR")
+    if env:
+        return env
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+@dataclass
+class Status:
+    branch: str | None
+    head: bytes | None
+    staged: dict[str, str] = field(default_factory=dict)  # path -> added / modified / deleted
+    modified: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    untracked: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.staged or self.modified or self.deleted)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"branch": self.branch, "head": self.head.hex() if self.head else None, "staged": self.staged,
+                "modified": self.modified, "deleted": self.deleted, "untracked": self.untracked}
+
+
+def _stage_key(path: str) -> bytes:
+    return path.encode()
+
+
+def _stat_key(path: str) -> bytes:
+    return b"st\x00" + path.encode()
+
+
+def _skip_key(path: str) -> bytes:
+    return b"sw\x00" + path.encode()
+
+
+def _stat_sig(st: os.stat_result) -> list[int]:
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+
+
+class Repository:
+    """A coralfs repository. ``Repository(path)`` opens one; ``Repository.init(path)`` makes one."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, cache_bytes: int = 256 << 20,
+                 threads: int = 2) -> None:
+        self.root = self._locate(path)
+        self.control = os.path.join(self.root, CORAL_DIR)
+        self.store = Store(os.path.join(self.control, "store"))
+        self.objects = ObjectStore(self.store, cache_bytes)
+        with self.store.read() as t:
+            raw = t.get("config", b"config")
+        self.config: dict[str, Any] = json.loads(raw) if raw else {}
+        if self.config.get("format", FORMAT_VERSION) > FORMAT_VERSION:
+            raise CoralError(f"repository format {self.config['format']} is newer than this coralfs")
+        self.ingestor = Ingestor(self.objects, int(self.config.get("max_depth", DEFAULT_MAX_DEPTH)), threads)
+
+    @staticmethod
+    def _locate(path: str | os.PathLike[str] | None) -> str:
+        if path is None:
+            env = os.environ.get("CORALFS_REPO")
+            if env:
+                path = env
+            else:
+                d = os.path.abspath(os.getcwd())
+                while True:
+                    if os.path.isdir(os.path.join(d, CORAL_DIR, "store")):
+                        return d
+                    parent = os.path.dirname(d)
+                    if parent == d:
+                        raise NotARepository("not a coralfs repository (or any parent): "
+                                             f"{os.getcwd()} (use -R PATH or CORALFS_REPO)")
+                    d = parent
+        p = os.path.abspath(os.fspath(path))
+        if os.path.basename(p) == CORAL_DIR:
+            p = os.path.dirname(p)
+        if not os.path.isfile(os.path.join(p, CORAL_DIR, "store", "data.mdb")):
+            raise NotARepository(f"not a coralfs repository: {p}")
+        return p
+
+    @classmethod
+    def init(cls, path: str | os.PathLike[str], default_branch: str = "main", **kw: Any) -> Repository:
+        root = os.path.abspath(os.fspath(path))
+        control = os.path.join(root, CORAL_DIR)
+        if os.path.exists(os.path.join(control, "store", "data.mdb")):
+            raise RepositoryExists(f"a repository already exists at {root}")
+        refs.check_ref_name(default_branch)
+        os.makedirs(os.path.join(control, "staging"), exist_ok=True)
+        store = Store(os.path.join(control, "store"), create=True)
+        config = {"format": FORMAT_VERSION, "default_branch": default_branch, "max_depth": DEFAULT_MAX_DEPTH,
+                  "created": time.time()}
+
+        def fn(t: Txn) -> None:
+            t.put("config", b"config", json.dumps(config).encode())
+            t.put("refs", refs.HEAD, b"ref:" + refs.branch_key(default_branch))
+
+        store.write(fn)
+        store.close()
+        return cls(root, **kw)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- refs
+    def _head_ref(self, t: Txn) -> tuple[str | None, bytes | None]:
+        """(branch name or None if detached, commit id or None if unborn)."""
+        v = t.get("refs", refs.HEAD)
+        if v is None:
+            return None, None
+        if v.startswith(b"ref:"):
+            key = v[4:]
+            return key.decode()[len(refs.BRANCH):], t.get("refs", key)
+        return None, v
+
+    def current_branch(self) -> str | None:
+        with self.store.read() as t:
+            return self._head_ref(t)[0]
+
+    def head(self) -> bytes | None:
+        with self.store.read() as t:
+            return self._head_ref(t)[1]
+
+    @property
+    def default_branch(self) -> str:
+        return str(self.config.get("default_branch", "main"))
+
+    def branches(self) -> dict[str, bytes]:
+        with self.store.read() as t:
+            return {k.decode()[len(refs.BRANCH):]: v for k, v in t.items("refs", refs.BRANCH.encode())}
+
+    def tags(self) -> dict[str, Tag]:
+        with self.store.read() as t:
+            ids = list(t.items("refs", refs.TAG.encode()))
+        out = {}
+        for k, v in ids:
+            obj = self.objects.get_object(v)
+            assert isinstance(obj, Tag)
+            out[k.decode()[len(refs.TAG):]] = obj
+        return out
+
+    def branch_head(self, name: str) -> bytes | None:
+        with self.store.read() as t:
+            return t.get("refs", refs.branch_key(name))
+
+    def create_branch(self, name: str, rev: str = "HEAD", force: bool = False) -> bytes:
+        refs.check_ref_name(name)
+        cid = self.resolve(rev)
+        key = refs.branch_key(name)
+
+        def fn(t: Txn) -> None:
+            if t.get("refs", key) is not None and not force:
+                raise RefExists(f"branch {name!r} already exists")
+            for other in t.keys("refs", refs.BRANCH.encode()):  # a/b and a/b/c cannot both be directories
+                o = other.decode()[len(refs.BRANCH):]
+                if o != name and (o.startswith(name + "/") or name.startswith(o + "/")):
+                    raise RefExists(f"branch {name!r} conflicts with existing branch {o!r}")
+            t.put("refs", key, cid)
+
+        self.store.write(fn)
+        return cid
+
+    def delete_branch(self, name: str) -> None:
+        key = refs.branch_key(name)
+
+        def fn(t: Txn) -> None:
+            if t.get("refs", key) is None:
+                raise UnknownRevision(f"no such branch: {name}")
+            if self._head_ref(t)[0] == name:
+                raise InvalidArgument(f"cannot delete the checked-out branch {name!r}")
+            t.delete("refs", key)
+
+        self.store.write(fn)
+
+    def set_branch(self, name: str, new: bytes, expected: bytes | None) -> None:
+        """Move a branch by compare-and-swap."""
+        refs.check_ref_name(name)
+        self.store.write(lambda t: t.cas("refs", refs.branch_key(name), expected, new))
+
+    def tag(self, name: str, rev: str = "HEAD", message: str = "", metrics: Mapping[str, float] | None = None,
+            meta: Mapping[str, str] | None = None, force: bool = False, tagger: str | None = None) -> Tag:
+        refs.check_ref_name(name, "tag")
+        cid = self.resolve(rev)
+        tag = Tag(name, cid, tagger or default_author(), time.time(), message, dict(metrics or {}),
+                  dict(meta or {}))
+        key = refs.tag_key(name)
+
+        def fn(t: Txn) -> None:
+            if t.get("refs", key) is not None and not force:
+                raise RefExists(f"tag {name!r} already exists")
+            t.put("refs", key, self.objects.put_object(t, tag))
+
+        self.store.write(fn)
+        return tag
+
+    def delete_tag(self, name: str) -> None:
+        key = refs.tag_key(name)
+
+        def fn(t: Txn) -> None:
+            if not t.delete("refs", key):
+                raise UnknownRevision(f"no such tag: {name}")
+
+        self.store.write(fn)
+
+    # ---------------------------------------------------------------- revisions
+    def commits(self) -> list[bytes]:
+        """Every commit id in the repository."""
+        with self.store.read() as t:
+            return [k[2:] for k in t.keys("index", b"c\x00")]
+
+    def resolve(self, rev: str) -> bytes:
+        """A revision (HEAD, HEAD~2, HEAD^, branch, tag, id prefix) -> commit id."""
+        if not rev:
+            raise UnknownRevision("empty revision")
+        suffixes: list[str] = []
+        base = rev
+        while True:
+            m = _REV_SUFFIX.search(base)
+            if not m or m.start() == 0:
+                break
+            suffixes.insert(0, m.group(1))
+            base = base[: m.start()]
+        cid = self._resolve_base(base, rev)
+        for s in suffixes:
+            n = int(s[1:]) if len(s) > 1 else 1
+            if s[0] == "~":
+                for _ in range(n):
+                    c = self.get_commit(cid)
+                    if not c.parents:
+                        raise UnknownRevision(f"{rev}: history is not that long")
+                    cid = c.parents[0]
+            else:
+                c = self.get_commit(cid)
+                if n == 0:
+                    continue
+                if len(c.parents) < n:
+                    raise UnknownRevision(f"{rev}: commit has no parent {n}")
+                cid = c.parents[n - 1]
+        return cid
+
+    def _resolve_base(self, base: str, rev: str) -> bytes:
+        with self.store.read() as t:
+            if base in ("HEAD", "@"):
+                head = self._head_ref(t)[1]
+                if head is None:
+                    raise UnknownRevision("HEAD has no commits yet")
+                return head
+            v = t.get("refs", refs.branch_key(base)) if "\x00" not in base else None
+            if v is not None:
+                return v
+            v = t.get("refs", refs.tag_key(base)) if "\x00" not in base else None
+        if v is not None:
+            tag = self.objects.get_object(v)
+            assert isinstance(tag, Tag)
+            return tag.commit
+        low = base.lower()
+        if _HEX.match(low):
+            prefix = bytes.fromhex(low[: len(low) // 2 * 2])
+            with self.store.read() as t:
+                found = [k[2:] for k in t.keys("index", b"c\x00" + prefix) if k[2:].hex().startswith(low)]
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1:
+                raise AmbiguousRevision(f"ambiguous revision {base!r}: "
+                                        + ", ".join(f.hex()[:12] for f in found[:5]))
+        raise UnknownRevision(f"unknown revision: {rev}")
+
+    @staticmethod
+    def split_revpath(spec: str, default_rev: str = "HEAD") -> tuple[str, str]:
+        """'rev:path' -> (rev, path); a bare path means ``default_rev``."""
+        if ":" in spec:
+            rev, path = spec.split(":", 1)
+            return rev or default_rev, path
+        return default_rev, spec
+
+    # ---------------------------------------------------------------- objects
+    def get_commit(self, cid: bytes) -> Commit:
+        obj = self.objects.get_object(cid)
+        if not isinstance(obj, Commit):
+            raise UnknownRevision(f"{cid.hex()[:12]} is not a commit")
+        return obj
+
+    def get_tree(self, oid: bytes) -> Tree:
+        obj = self.objects.get_object(oid)
+        assert isinstance(obj, Tree)
+        return obj
+
+    def get_manifest(self, oid: bytes) -> Manifest:
+        obj = self.objects.get_object(oid)
+        assert isinstance(obj, Manifest)
+        return obj
+
+    def tree(self, rev: str | bytes = "HEAD") -> Tree:
+        cid = rev if isinstance(rev, bytes) else self.resolve(rev)
+        return self.get_tree(self.get_commit(cid).tree)
+
+    def ls(self, rev: str | bytes = "HEAD") -> dict[str, TreeEntry]:
+        return dict(self.tree(rev).entries)
+
+    def entry(self, rev: str | bytes, path: str) -> TreeEntry:
+        path = check_path(path)
+        e = self.tree(rev).entries.get(path)
+        if e is None:
+            raise PathNotFound(f"{path}: not in {rev if isinstance(rev, str) else rev.hex()[:12]}")
+        return e
+
+    def file_view(self, manifest_id: bytes) -> FileView:
+        return FileView(self.objects, self.get_manifest(manifest_id))
+
+    def open(self, rev: str | bytes, path: str | None = None) -> FileReader:
+        """A seekable read-only binary file for ``rev:path`` (or ``open("rev:path")``)."""
+        if path is None:
+            assert isinstance(rev, str)
+            rev, path = self.split_revpath(rev)
+        e = self.entry(rev, path)
+        return FileReader(self.file_view(e.manifest), path)
+
+    def cat(self, rev: str | bytes, path: str, out: io.RawIOBase | Any, block: int = 4 << 20) -> int:
+        with self.open(rev, path) as f:
+            n = 0
+            while chunk := f.read(block):
+                out.write(chunk)
+                n += len(chunk)
+            return n
+
+    def log(self, rev: str | bytes = "HEAD", n: int | None = None) -> list[tuple[bytes, Commit]]:
+        """Commits reachable from ``rev``, newest first."""
+        start = rev if isinstance(rev, bytes) else self.resolve(rev)
+        out: list[tuple[bytes, Commit]] = []
+        seen = {start}
+        c0 = self.get_commit(start)
+        heap: list[tuple[float, bytes, Commit]] = [(-c0.time, start, c0)]
+        while heap and (n is None or len(out) < n):
+            _, cid, c = heapq.heappop(heap)
+            out.append((cid, c))
+            for p in c.parents:
+                if p not in seen:
+                    seen.add(p)
+                    pc = self.get_commit(p)
+                    heapq.heappush(heap, (-pc.time, p, pc))
+        return out
+
+    # ---------------------------------------------------------------- ingest & stage
+    def _rel(self, path: str | os.PathLike[str]) -> str:
+        """A work-tree path (absolute or relative to cwd) -> normalised repository path."""
+        p = os.fspath(path)
+        if "\x00" in p:
+            raise CoralError(f"invalid path (NUL): {p!r}")
+        ap = os.path.abspath(p)
+        rel = os.path.relpath(ap, self.root)
+        if rel == "." or rel.startswith(".." + os.sep) or rel == "..":
+            raise PathNotFound(f"{p}: outside the repository {self.root}")
+        return check_path(rel.replace(os.sep, "/"))
+
+    def _staged(self, t: Txn) -> dict[str, dict[str, Any]]:
+        return {k.decode(): json.loads(v) for k, v in t.items("stage")}
+
+    def _index_entry(self, t: Txn, path: str) -> TreeEntry | None:
+        """The entry a path has in stage-then-HEAD (what the next commit would hold)."""
+        v = t.get("stage", _stage_key(path))
+        if v is not None:
+            d = json.loads(v)
+            return None if d.get("del") else TreeEntry(bytes.fromhex(d["m"]), d["size"], d["mode"])
+        head = self._head_ref(t)[1]
+        if head is None:
+            return None
+        return self.get_tree(self.get_commit(head).tree).entries.get(path)
+
+    def ingest_buffer(self, view: memoryview, path: str, prev: TreeEntry | None = None,
+                      progress: Progress | None = None) -> tuple[bytes, Manifest, IngestStats]:
+        """Store a file's bytes; returns (manifest id, manifest, stats). The manifest is stored too."""
+        prev_manifest = self.get_manifest(prev.manifest) if prev is not None else None
+        manifest, stats = self.ingestor.ingest(view, path, prev_manifest, progress)
+        mid = self.store.write(lambda t: self.objects.put_object(t, manifest))
+        return mid, manifest, stats
+
+    def ingest_file(self, fs_path: str | os.PathLike[str], path: str, prev: TreeEntry | None = None,
+                    progress: Progress | None = None) -> tuple[TreeEntry, IngestStats]:
+        st = os.stat(fs_path)
+        with MappedFile(fs_path) as mf:
+            mid, manifest, stats = self.ingest_buffer(mf.view, path, prev, progress)
+        mode = MODE_EXEC if st.st_mode & 0o111 else MODE_FILE
+        return TreeEntry(mid, manifest.size, mode), stats
+
+    def _iter_worktree(self, start: str) -> Iterator[str]:
+        if os.path.isdir(start) and not os.path.islink(start):
+            for dirpath, dirnames, filenames in os.walk(start):
+                dirnames[:] = sorted(d for d in dirnames if not (dirpath == self.root and d == CORAL_DIR))
+                for f in sorted(filenames):
+                    fp = os.path.join(dirpath, f)
+                    if os.path.isfile(fp) and not os.path.islink(fp):
+                        yield fp
+        else:
+            yield start
+
+    def add(self, paths: Iterable[str | os.PathLike[str]], progress: Callable[[str], Progress | None] | None = None
+            ) -> IngestStats:
+        """Stage work-tree files (directories recursively); a tracked file that is gone is staged as deleted."""
+        total = IngestStats()
+        for p in paths:
+            ap = os.path.abspath(os.fspath(p))
+            if not os.path.lexists(ap):
+                rel = self._rel(ap)
+                with self.store.read() as t:
+                    tracked = self._index_entry(t, rel) is not None
+                    under = [k.decode() for k in t.keys("stage", (rel + "/").encode())]
+                head_paths = [q for q in self._head_paths() if q == rel or q.startswith(rel + "/")]
+                if not tracked and not under and not head_paths:
+                    raise PathNotFound(f"{os.fspath(p)}: no such file")
+                for q in head_paths or [rel]:
+                    self._stage(q, None)
+                continue
+            for fp in self._iter_worktree(ap):
+                rel = self._rel(fp)
+                st = os.stat(fp)
+                with self.store.read() as t:
+                    cached = t.get("index", _stat_key(rel))
+                    prev = self._index_entry(t, rel)
+                if cached is not None:
+                    c = json.loads(cached)
+                    if c["sig"] == _stat_sig(st):
+                        self._stage(rel, TreeEntry(bytes.fromhex(c["m"]), st.st_size,
+                                                   MODE_EXEC if st.st_mode & 0o111 else MODE_FILE))
+                        continue
+                entry, stats = self.ingest_file(fp, rel, prev, progress(rel) if progress else None)
+                total.add(stats)
+                self._stage(rel, entry, st)
+        return total
+
+    def _head_paths(self) -> list[str]:
+        head = self.head()
+        return list(self.tree(head).entries) if head else []
+
+    def _stage(self, path: str, entry: TreeEntry | None, st: os.stat_result | None = None,
+               skip_worktree: bool = False) -> None:
+        path = check_path(path)
+
+        def fn(t: Txn) -> None:
+            if entry is None:
+                t.put("stage", _stage_key(path), b'{"del":true}')
+                t.delete("index", _stat_key(path))
+                t.delete("index", _skip_key(path))
+                return
+            t.put("stage", _stage_key(path), json.dumps({"m": entry.manifest.hex(), "size": entry.size,
+                                                         "mode": entry.mode}).encode())
+            if st is not None:
+                t.put("index", _stat_key(path), json.dumps({"sig": _stat_sig(st), "m": entry.manifest.hex()}).encode())
+            if skip_worktree:
+                t.put("index", _skip_key(path), b"1")
+            else:
+                t.delete("index", _skip_key(path))
+
+        self.store.write(fn)
+
+    def stage_entry(self, path: str, entry: TreeEntry | None) -> None:
+        """Stage an already-ingested entry (or a deletion) without touching the work tree."""
+        self._stage(path, entry, skip_worktree=entry is not None)
+
+    def rm(self, paths: Iterable[str | os.PathLike[str]], cached: bool = False) -> list[str]:
+        """Stage removal of tracked files (and delete them from the work tree unless ``cached``)."""
+        removed = []
+        head_paths = set(self._head_paths())
+        for p in paths:
+            rel = self._rel(p)
+            with self.store.read() as t:
+                staged = {k.decode() for k in t.keys("stage")}
+            targets = sorted(q for q in head_paths | staged if q == rel or q.startswith(rel + "/"))
+            if not targets:
+                raise PathNotFound(f"{os.fspath(p)}: not tracked")
+            for q in targets:
+                if q in head_paths:
+                    self._stage(q, None)
+                else:
+                    self.store.write(lambda t, q=q: t.delete("stage", _stage_key(q)))
+                fs = os.path.join(self.root, q)
+                if not cached and os.path.isfile(fs):
+                    os.unlink(fs)
+                removed.append(q)
+        return removed
+
+    def save(self, obj: Any, path: str, format: str | None = None, metadata: dict[str, str] | None = None
+             ) -> TreeEntry:
+        """Stage a state dict (or any torch-saveable object) as checkpoint file ``path``, without a temp file.
+
+        ``format``: "safetensors" or "pt"; by default from the extension. The file is not
+        written to the work tree (``checkout`` materialises it)."""
+        path = check_path(path)
+        fmt = format or ("safetensors" if path.endswith(".safetensors") else "pt")
+        data = serialize_checkpoint(obj, fmt, metadata)
+        with self.store.read() as t:
+            prev = self._index_entry(t, path)
+        mid, manifest, _ = self.ingest_buffer(memoryview(data), path, prev)
+        entry = TreeEntry(mid, manifest.size, MODE_FILE)
+        self.stage_entry(path, entry)
+        return entry
+
+    # ---------------------------------------------------------------- commit
+    def commit(self, message: str, metrics: Mapping[str, float] | None = None,
+               meta: Mapping[str, str] | None = None, author: str | None = None, allow_empty: bool = False
+               ) -> bytes:
+        """Commit the staged changes on the current branch (or detached HEAD)."""
+        with self.store.read() as t:
+            staged_raw = list(t.items("stage"))
+        changes: dict[str, TreeEntry | None] = {}
+        for k, v in staged_raw:
+            d = json.loads(v)
+            changes[k.decode()] = None if d.get("del") else TreeEntry(bytes.fromhex(d["m"]), d["size"], d["mode"])
+        return self._commit(None, changes, message, metrics, meta, author, allow_empty,
+                            consumed=dict(staged_raw))
+
+    def commit_changes(self, branch: str, changes: Changes, message: str,
+                       metrics: Mapping[str, float] | None = None, meta: Mapping[str, str] | None = None,
+                       author: str | None = None, expected_head: bytes | None | bool = False,
+                       allow_empty: bool = False, parents_extra: tuple[bytes, ...] = ()) -> bytes:
+        """Commit ``changes`` (path -> entry, None deletes) on top of ``branch``'s head, bypassing the stage.
+
+        ``expected_head``: False applies on top of whatever the head is now; a commit id
+        (or None for an unborn branch) makes the commit fail with ConcurrentUpdate if the
+        branch moved."""
+        refs.check_ref_name(branch)
+        return self._commit(branch, changes, message, metrics, meta, author, allow_empty,
+                            expected_head=expected_head, parents_extra=parents_extra)
+
+    def _commit(self, branch: str | None, changes: Changes, message: str,
+                metrics: Mapping[str, float] | None, meta: Mapping[str, str] | None, author: str | None,
+                allow_empty: bool, consumed: dict[bytes, bytes] | None = None,
+                expected_head: bytes | None | bool = False, parents_extra: tuple[bytes, ...] = ()) -> bytes:
+        for p in changes:
+            check_path(p)
+        author = author or default_author()
+        now = time.time()
+
+        def fn(t: Txn) -> bytes:
+            if branch is None:
+                cur_branch, head = self._head_ref(t)
+                ref_key = refs.branch_key(cur_branch) if cur_branch is not None else refs.HEAD
+            else:
+                ref_key = refs.branch_key(branch)
+                head = t.get("refs", ref_key)
+            if expected_head is not False and head != expected_head:
+                raise ConcurrentUpdate(f"{branch or 'HEAD'} moved: expected "
+                                       f"{expected_head.hex()[:12] if expected_head else 'none'}, found "
+                                       f"{head.hex()[:12] if head else 'none'}")
+            old = self.get_tree(self.get_commit(head).tree).entries if head else {}
+            entries = dict(old)
+            for p, e in changes.items():
+                if e is None:
+                    entries.pop(p, None)
+                else:
+                    entries[p] = e
+            _check_tree_paths(entries)
+            if entries == old and not allow_empty and not parents_extra:
+                raise NothingToCommit("nothing to commit")
+            tree_id = self.objects.put_object(t, Tree(entries))
+            c = Commit(tree_id, ((head,) if head else ()) + parents_extra, author, now, message,
+                       {k: float(v) for k, v in (metrics or {}).items()}, {k: str(v) for k, v in (meta or {}).items()})
+            cid = self.objects.put_object(t, c)
+            t.put("index", b"c\x00" + cid, b"")
+            t.put("refs", ref_key, cid)
+            for k, v in (consumed or {}).items():  # only what we read: a concurrent `add` stays staged
+                if t.get("stage", k) == v:
+                    t.delete("stage", k)
+            return cid
+
+        return self.store.write(fn)
+
+    # ---------------------------------------------------------------- status & checkout
+    def _file_matches(self, t: Txn, fs_path: str, path: str, entry: TreeEntry, st: os.stat_result) -> bool:
+        if st.st_size != entry.size:
+            return False
+        cached = t.get("index", _stat_key(path))
+        if cached is not None:
+            c = json.loads(cached)
+            if c["sig"] == _stat_sig(st):
+                return bytes.fromhex(c["m"]) == entry.manifest
+        return _hash_file(fs_path) == self.get_manifest(entry.manifest).file_hash
+
+    def status(self) -> Status:
+        with self.store.read() as t:
+            branch, head = self._head_ref(t)
+            head_entries = self.get_tree(self.get_commit(head).tree).entries if head else {}
+            staged = self._staged(t)
+            skip = {k[3:].decode() for k in t.keys("index", b"sw\x00")}
+            s = Status(branch, head)
+            index: dict[str, TreeEntry] = dict(head_entries)
+            for p, d in staged.items():
+                if d.get("del"):
+                    if p in head_entries:
+                        s.staged[p] = "deleted"
+                    index.pop(p, None)
+                else:
+                    e = TreeEntry(bytes.fromhex(d["m"]), d["size"], d["mode"])
+                    if p not in head_entries:
+                        s.staged[p] = "added"
+                    elif head_entries[p] != e:
+                        s.staged[p] = "modified"
+                    index[p] = e
+            seen = set()
+            for fp in self._iter_worktree(self.root):
+                rel = os.path.relpath(fp, self.root).replace(os.sep, "/")
+                seen.add(rel)
+                e = index.get(rel)
+                if e is None:
+                    s.untracked.append(rel)
+                elif not self._file_matches(t, fp, rel, e, os.stat(fp)):
+                    s.modified.append(rel)
+            s.deleted = sorted(p for p in index if p not in seen and p not in skip)
+        return s
+
+    def checkout(self, rev: str, force: bool = False, progress: Callable[[str], Progress | None] | None = None
+                 ) -> bytes:
+        """Switch HEAD to ``rev`` (a branch attaches; anything else detaches) and make the work tree match."""
+        with self.store.read() as t:
+            is_branch = t.get("refs", refs.branch_key(rev)) is not None
+        target = self.resolve(rev)
+        target_entries = self.tree(target).entries
+        st = self.status()
+        head_entries = self.tree(st.head).entries if st.head else {}
+        if not force:
+            dirty = sorted(set(st.staged) | set(st.modified))
+            if dirty:
+                raise WouldOverwrite("checkout would overwrite uncommitted changes: " + ", ".join(dirty[:5])
+                                     + (" ..." if len(dirty) > 5 else "") + " (commit them, or use --force)")
+            clash = [p for p in st.untracked if p in target_entries]
+            with self.store.read() as t:
+                clash = [p for p in clash if not self._file_matches(t, os.path.join(self.root, p), p,
+                                                                    target_entries[p], os.stat(os.path.join(self.root, p)))]
+            if clash:
+                raise WouldOverwrite("checkout would overwrite untracked files: " + ", ".join(clash[:5]))
+        for p in head_entries:
+            if p not in target_entries:
+                fs = os.path.join(self.root, p)
+                if os.path.isfile(fs):
+                    os.unlink(fs)
+                _prune_empty_dirs(os.path.dirname(fs), self.root)
+        stat_updates: dict[str, tuple[list[int], bytes]] = {}
+        for p, e in sorted(target_entries.items()):
+            fs = os.path.join(self.root, p)
+            with self.store.read() as t:
+                if os.path.isfile(fs) and self._file_matches(t, fs, p, e, os.stat(fs)):
+                    continue
+            self._materialize(e, fs, progress(p) if progress else None)
+            stat_updates[p] = (_stat_sig(os.stat(fs)), e.manifest)
+
+        def fn(t: Txn) -> None:
+            for k in list(t.keys("stage")):
+                t.delete("stage", k)
+            for k in list(t.keys("index", b"sw\x00")):
+                t.delete("index", k)
+            for p, (sig, m) in stat_updates.items():
+                t.put("index", _stat_key(p), json.dumps({"sig": sig, "m": m.hex()}).encode())
+            t.put("refs", refs.HEAD, b"ref:" + refs.branch_key(rev) if is_branch else target)
+
+        self.store.write(fn)
+        return target
+
+    def _materialize(self, e: TreeEntry, fs: str, progress: Progress | None) -> None:
+        os.makedirs(os.path.dirname(fs), exist_ok=True)
+        tmp = f"{fs}.coralfs-tmp-{os.getpid()}"
+        view = self.file_view(e.manifest)
+        h = hasher()
+        try:
+            with open(tmp, "wb") as out:
+                pos = 0
+                while pos < view.size:
+                    block = view.pread(pos, 8 << 20)
+                    h.update(block)
+                    out.write(block)
+                    pos += len(block)
+                    if progress:
+                        progress(pos, view.size)
+            if h.digest() != view.manifest.file_hash:
+                raise CoralError(f"{fs}: rebuilt file does not match its recorded hash")
+            os.chmod(tmp, 0o755 if e.mode == MODE_EXEC else 0o644)
+            os.replace(tmp, fs)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    # ---------------------------------------------------------------- stats
+    def reachable_commits(self) -> set[bytes]:
+        with self.store.read() as t:
+            starts = [v for _, v in t.items("refs", refs.BRANCH.encode())]
+            tag_ids = [v for _, v in t.items("refs", refs.TAG.encode())]
+            head = self._head_ref(t)[1]
+        starts += [self.objects.get_object(x).commit for x in tag_ids]  # type: ignore[union-attr]
+        if head:
+            starts.append(head)
+        seen: set[bytes] = set()
+        stack = list(starts)
+        while stack:
+            c = stack.pop()
+            if c in seen:
+                continue
+            seen.add(c)
+            stack.extend(self.get_commit(c).parents)
+        return seen
+
+    def stats(self) -> dict[str, Any]:
+        """Logical vs stored bytes, dedup and codec breakdown."""
+        from coralfs import records
+
+        manifests: set[bytes] = set()
+        versions = 0
+        for c in self.reachable_commits():
+            for e in self.get_tree(self.get_commit(c).tree).entries.values():
+                manifests.add(e.manifest)
+        logical = 0
+        refs_to_chunks = 0
+        unique_chunks: set[bytes] = set()
+        for m in manifests:
+            man = self.get_manifest(m)
+            logical += man.size
+            versions += 1
+            ids = man.chunk_ids()
+            refs_to_chunks += len(ids)
+            unique_chunks.update(ids)
+        by_codec: dict[str, dict[str, int]] = {}
+        stored_chunks = 0
+        delta = 0
+        with self.store.read() as t:
+            n_chunks = 0
+            for _, v in t.items("chunks"):
+                h = records.parse_header(v)
+                d = by_codec.setdefault(records.CODEC_NAMES[h.codec], {"chunks": 0, "raw": 0, "stored": 0})
+                d["chunks"] += 1
+                d["raw"] += h.raw_len
+                d["stored"] += len(v)
+                stored_chunks += len(v)
+                n_chunks += 1
+                delta += 1 if h.bases else 0
+            objects_bytes = sum(len(v) for _, v in t.items("objects"))
+        info = self.store.info()
+        stored = stored_chunks + objects_bytes
+        return {
+            "file_versions": versions, "logical_bytes": logical, "stored_bytes": stored,
+            "ratio": logical / stored if stored else 0.0, "chunks": n_chunks, "delta_chunks": delta,
+            "chunk_refs": refs_to_chunks, "dedup_hits": refs_to_chunks - len(unique_chunks),
+            "object_bytes": objects_bytes, "by_codec": by_codec, "lmdb_file_bytes": info["file_size"],
+            "lmdb_pages_used": info["last_pgno"] + 1, "page_size": info["psize"],
+        }
+
+
+def _check_tree_paths(entries: Mapping[str, TreeEntry]) -> None:
+    """A path cannot be both a file and a directory."""
+    dirs = set()
+    for p in entries:
+        d = p.rsplit("/", 1)[0] if "/" in p else ""
+        while d and d not in dirs:
+            dirs.add(d)
+            d = d.rsplit("/", 1)[0] if "/" in d else ""
+    clash = dirs & set(entries)
+    if clash:
+        raise InvalidArgument(f"path is both a file and a directory: {sorted(clash)[0]}")
+
+
+def _hash_file(path: str) -> bytes:
+    h = hasher()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.digest()
+
+
+def _prune_empty_dirs(d: str, root: str) -> None:
+    while os.path.abspath(d) != os.path.abspath(root) and os.path.isdir(d) and not os.listdir(d):
+        os.rmdir(d)
+        d = os.path.dirname(d)
+
+
+def serialize_checkpoint(obj: Any, fmt: str, metadata: dict[str, str] | None = None) -> bytes:
+    """A state dict as the bytes of a checkpoint file (no temporary file)."""
+    if fmt == "safetensors":
+        from safetensors.torch import save
+
+        return save({k: v.contiguous() for k, v in obj.items()}, metadata=metadata)
+    if fmt in ("pt", "pth", "torch"):
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return buf.getvalue()
+    raise InvalidArgument(f"unknown checkpoint format {fmt!r} (use safetensors or pt)")
+
+
+def is_regular(st: os.stat_result) -> bool:
+    return stat_mod.S_ISREG(st.st_mode)

@@ -1,0 +1,139 @@
+"""The LMDB-backed store: one environment per repository, named databases.
+
+Databases:
+    chunks   chunk id (32 bytes)            -> chunk record (coralfs.records)
+    objects  object id (32 bytes)           -> serialized object (coralfs.objects)
+    refs     b"branch:NAME" / b"tag:NAME"   -> 32-byte id;  b"HEAD" -> b"ref:branch:NAME" or id
+    stage    path (utf-8)                   -> JSON staging entry
+    index    arbitrary index keys           -> values (tensor base index, stat cache, ...)
+    config   key                            -> value
+
+LMDB gives one writer and many readers across processes. Read transactions are
+kept short so a long-lived process (the mount) never pins old pages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import lmdb
+
+from coralfs.errors import ConcurrentUpdate, CoralError
+
+DB_NAMES = ("chunks", "objects", "refs", "stage", "index", "config")
+INITIAL_MAP_SIZE = 1 << 40  # sparse on 64-bit: costs nothing until used
+T = TypeVar("T")
+
+
+class Txn:
+    """A transaction with the named databases at hand."""
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database], write: bool) -> None:
+        self.txn = txn
+        self.dbs = dbs
+        self.write = write
+
+    def get(self, db: str, key: bytes) -> bytes | None:
+        return self.txn.get(key, db=self.dbs[db])
+
+    def has(self, db: str, key: bytes) -> bool:
+        with self.txn.cursor(db=self.dbs[db]) as cur:
+            return cur.set_key(key)
+
+    def put(self, db: str, key: bytes, value: bytes | memoryview, overwrite: bool = True) -> bool:
+        return self.txn.put(key, value, db=self.dbs[db], overwrite=overwrite)
+
+    def delete(self, db: str, key: bytes) -> bool:
+        return self.txn.delete(key, db=self.dbs[db])
+
+    def items(self, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        with self.txn.cursor(db=self.dbs[db]) as cur:
+            if not cur.set_range(prefix):
+                return
+            for k, v in cur:
+                if not k.startswith(prefix):
+                    break
+                yield bytes(k), bytes(v)
+
+    def keys(self, db: str, prefix: bytes = b"") -> Iterator[bytes]:
+        with self.txn.cursor(db=self.dbs[db]) as cur:
+            if not cur.set_range(prefix):
+                return
+            for k in cur.iternext(keys=True, values=False):
+                if not k.startswith(prefix):
+                    break
+                yield bytes(k)
+
+    def cas(self, db: str, key: bytes, expected: bytes | None, new: bytes | None) -> None:
+        """Compare-and-swap inside this write transaction."""
+        current = self.get(db, key)
+        if current != expected:
+            raise ConcurrentUpdate(f"{key.decode(errors='replace')} moved (expected "
+                                   f"{expected.hex()[:12] if expected else 'none'}, found "
+                                   f"{current.hex()[:12] if current else 'none'})")
+        if new is None:
+            self.delete(db, key)
+        else:
+            self.put(db, key, new)
+
+    def stat(self, db: str) -> dict:
+        return self.txn.stat(self.dbs[db])
+
+
+class Store:
+    """An LMDB environment shared safely by threads and processes."""
+
+    def __init__(self, path: str | os.PathLike[str], create: bool = False, readonly: bool = False) -> None:
+        self.path = os.fspath(path)
+        if create:
+            os.makedirs(self.path, exist_ok=True)
+        elif not os.path.exists(os.path.join(self.path, "data.mdb")):
+            raise CoralError(f"no store at {self.path}")
+        self._lock = threading.Lock()
+        self.env = lmdb.open(
+            self.path, map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES) + 2, readonly=readonly,
+            max_readers=256, metasync=True, sync=True, lock=True, readahead=False, subdir=True,
+        )
+        self.dbs: dict[str, lmdb._Database] = {}
+        for name in DB_NAMES:
+            if readonly:
+                self.dbs[name] = self.env.open_db(name.encode(), create=False)
+            else:
+                self.dbs[name] = self.env.open_db(name.encode())
+
+    def close(self) -> None:
+        self.env.close()
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Txn]:
+        with self.env.begin(buffers=False) as txn:
+            yield Txn(txn, self.dbs, False)
+
+    def write(self, fn: Callable[[Txn], T]) -> T:
+        """Run ``fn`` in one write transaction, committed atomically; grows the map when full."""
+        for _ in range(8):
+            try:
+                with self.env.begin(write=True) as txn:
+                    return fn(Txn(txn, self.dbs, True))
+            except lmdb.MapFullError:
+                self._grow()
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)  # adopt the size another process chose
+        raise CoralError("the store could not grow its map")
+
+    def _grow(self) -> None:
+        with self._lock:
+            self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    def sync(self) -> None:
+        self.env.sync(True)
+
+    def info(self) -> dict:
+        info = dict(self.env.info())
+        info.update(self.env.stat())
+        info["file_size"] = os.path.getsize(os.path.join(self.path, "data.mdb"))
+        return info

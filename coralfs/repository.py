@@ -7,8 +7,11 @@ consumed stage entries), so a crash leaves either the old or the new head.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import getpass
 import heapq
+import threading
 import io
 import json
 import os
@@ -118,6 +121,47 @@ class Repository:
         if self.config.get("format", FORMAT_VERSION) > FORMAT_VERSION:
             raise CoralError(f"repository format {self.config['format']} is newer than this coralfs")
         self.ingestor = Ingestor(self.objects, int(self.config.get("max_depth", DEFAULT_MAX_DEPTH)), threads)
+        self._lock_local = threading.local()
+
+    # ---------------------------------------------------------------- gc interlock
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold while writing chunks that nothing references yet (ingest -> stage/commit).
+
+        A shared flock on ``.coralfs/gc.lock``: any number of writers at once, across
+        processes; ``gc`` takes it exclusively, so it never sweeps a chunk that an
+        unfinished ingest has written but not yet referenced. Re-entrant per thread."""
+        depth = getattr(self._lock_local, "depth", 0)
+        if depth:
+            self._lock_local.depth = depth + 1
+            try:
+                yield
+            finally:
+                self._lock_local.depth -= 1
+            return
+        fd = os.open(os.path.join(self.control, "gc.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            self._lock_local.depth = 1
+            try:
+                yield
+            finally:
+                self._lock_local.depth = 0
+        finally:
+            os.close(fd)  # releases the lock
+
+    @contextlib.contextmanager
+    def exclusive(self, wait: bool = True) -> Iterator[None]:
+        """Exclusive side of ``writing()`` (for gc)."""
+        fd = os.open(os.path.join(self.control, "gc.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError as e:
+                raise ConcurrentUpdate("the repository is busy (an ingest is running)") from e
+            yield
+        finally:
+            os.close(fd)
 
     @staticmethod
     def _locate(path: str | os.PathLike[str] | None) -> str:
@@ -439,8 +483,9 @@ class Repository:
                       progress: Progress | None = None) -> tuple[bytes, Manifest, IngestStats]:
         """Store a file's bytes; returns (manifest id, manifest, stats). The manifest is stored too."""
         prev_manifest = self.get_manifest(prev.manifest) if prev is not None else None
-        manifest, stats = self.ingestor.ingest(view, path, prev_manifest, progress)
-        mid = self.store.write(lambda t: self.objects.put_object(t, manifest))
+        with self.writing():
+            manifest, stats = self.ingestor.ingest(view, path, prev_manifest, progress)
+            mid = self.store.write(lambda t: self.objects.put_object(t, manifest))
         return mid, manifest, stats
 
     def ingest_file(self, fs_path: str | os.PathLike[str], path: str, prev: TreeEntry | None = None,
@@ -491,9 +536,10 @@ class Repository:
                         self._stage(rel, TreeEntry(bytes.fromhex(c["m"]), st.st_size,
                                                    MODE_EXEC if st.st_mode & 0o111 else MODE_FILE))
                         continue
-                entry, stats = self.ingest_file(fp, rel, prev, progress(rel) if progress else None)
+                with self.writing():
+                    entry, stats = self.ingest_file(fp, rel, prev, progress(rel) if progress else None)
+                    self._stage(rel, entry, st)
                 total.add(stats)
-                self._stage(rel, entry, st)
         return total
 
     def _head_paths(self) -> list[str]:
@@ -547,20 +593,24 @@ class Repository:
                 removed.append(q)
         return removed
 
-    def save(self, obj: Any, path: str, format: str | None = None, metadata: dict[str, str] | None = None
-             ) -> TreeEntry:
+    def save(self, obj: Any, path: str, format: str | None = None, metadata: dict[str, str] | None = None,
+             stage: bool = True, prev: TreeEntry | None = None) -> TreeEntry:
         """Stage a state dict (or any torch-saveable object) as checkpoint file ``path``, without a temp file.
 
         ``format``: "safetensors" or "pt"; by default from the extension. The file is not
-        written to the work tree (``checkout`` materialises it)."""
+        written to the work tree (``checkout`` materialises it). With ``stage=False`` the
+        file is only stored; pass the returned entry to ``commit_changes``."""
         path = check_path(path)
         fmt = format or ("safetensors" if path.endswith(".safetensors") else "pt")
         data = serialize_checkpoint(obj, fmt, metadata)
-        with self.store.read() as t:
-            prev = self._index_entry(t, path)
-        mid, manifest, _ = self.ingest_buffer(memoryview(data), path, prev)
-        entry = TreeEntry(mid, manifest.size, MODE_FILE)
-        self.stage_entry(path, entry)
+        if prev is None:
+            with self.store.read() as t:
+                prev = self._index_entry(t, path)
+        with self.writing():
+            mid, manifest, _ = self.ingest_buffer(memoryview(data), path, prev)
+            entry = TreeEntry(mid, manifest.size, MODE_FILE)
+            if stage:
+                self.stage_entry(path, entry)
         return entry
 
     # ---------------------------------------------------------------- commit

@@ -27,6 +27,8 @@ from coralfs.errors import ConcurrentUpdate, CoralError
 DB_NAMES = ("chunks", "objects", "refs", "stage", "index", "config")
 INITIAL_MAP_SIZE = 1 << 40  # sparse on 64-bit: costs nothing until used
 T = TypeVar("T")
+_OPEN: dict[tuple[int, str], list] = {}
+_OPEN_LOCK = threading.Lock()
 
 
 class Txn:
@@ -94,19 +96,32 @@ class Store:
         elif not os.path.exists(os.path.join(self.path, "data.mdb")):
             raise CoralError(f"no store at {self.path}")
         self._lock = threading.Lock()
-        self.env = lmdb.open(
-            self.path, map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES) + 2, readonly=readonly,
-            max_readers=256, metasync=True, sync=True, lock=True, readahead=False, subdir=True,
-        )
-        self.dbs: dict[str, lmdb._Database] = {}
-        for name in DB_NAMES:
-            if readonly:
-                self.dbs[name] = self.env.open_db(name.encode(), create=False)
-            else:
-                self.dbs[name] = self.env.open_db(name.encode())
+        self._key = (os.getpid(), os.path.realpath(self.path))
+        self._closed = False
+        with _OPEN_LOCK:  # LMDB allows one environment per file per process: share it
+            shared = _OPEN.get(self._key)
+            if shared is None:
+                env = lmdb.open(
+                    self.path, map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES) + 2, readonly=readonly,
+                    max_readers=512, metasync=True, sync=True, lock=True, readahead=False, subdir=True,
+                )
+                dbs = {name: env.open_db(name.encode(), create=not readonly) for name in DB_NAMES}
+                shared = _OPEN[self._key] = [env, dbs, 0]
+            shared[2] += 1
+        self.env: lmdb.Environment = shared[0]
+        self.dbs: dict[str, lmdb._Database] = shared[1]
 
     def close(self) -> None:
-        self.env.close()
+        with _OPEN_LOCK:
+            if self._closed:
+                return
+            self._closed = True
+            shared = _OPEN.get(self._key)
+            if shared is not None:
+                shared[2] -= 1
+                if shared[2] == 0:
+                    del _OPEN[self._key]
+                    self.env.close()
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Txn]:

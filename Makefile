@@ -1,0 +1,40 @@
+# coralfs — two commands for a newcomer:
+#   make demo   installs everything (system + Python) and runs a small end-to-end example
+#   make test   installs what the tests need and runs them
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+TORCH ?= torch==2.13.0
+
+.PHONY: install deps-system deps-python demo test lint bench corpus clean
+
+deps-system:
+	@if ! command -v fusermount3 >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3; \
+		else echo "fuse3 is missing: run 'sudo apt-get install fuse3' (the mount needs it)"; fi; fi
+
+deps-python:
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[torch,dev]"
+
+install: deps-system deps-python
+
+demo: install
+	$(PYTHON) examples/demo.py
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+lint:
+	ruff check coralfs tests bench examples
+
+corpus:
+	$(PYTHON) -m bench.corpus
+
+bench: install
+	$(PIP) install -q -e ".[bench]"
+	@if [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq zstd xdelta3 borgbackup restic >/dev/null; fi
+	$(PYTHON) -m bench.storage
+	$(PYTHON) -m bench.mount
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

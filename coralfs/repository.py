@@ -29,6 +29,7 @@ from coralfs.errors import (
     ConcurrentUpdate,
     CoralError,
     InvalidArgument,
+    InvalidPath,
     NotARepository,
     NothingToCommit,
     PathNotFound,
@@ -458,7 +459,7 @@ class Repository:
         """A work-tree path (absolute or relative to cwd) -> normalised repository path."""
         p = os.fspath(path)
         if "\x00" in p:
-            raise CoralError(f"invalid path (NUL): {p!r}")
+            raise InvalidPath(f"invalid path (NUL): {p!r}")
         ap = os.path.abspath(p)
         rel = os.path.relpath(ap, self.root)
         if rel == "." or rel.startswith(".." + os.sep) or rel == "..":
@@ -731,10 +732,18 @@ class Repository:
         """Switch HEAD to ``rev`` (a branch attaches; anything else detaches) and make the work tree match."""
         with self.store.read() as t:
             is_branch = t.get("refs", refs.branch_key(rev)) is not None
+            cur_branch, _ = self._head_ref(t)
+        if rev in ("HEAD", "@"):  # like git: checking out HEAD keeps the current branch attached
+            rev, is_branch = (cur_branch, True) if cur_branch else (rev, False)
         target = self.resolve(rev)
         target_entries = self.tree(target).entries
         st = self.status()
         head_entries = self.tree(st.head).entries if st.head else {}
+        if head_entries == target_entries and not force:
+            # same content: move HEAD only; staged and work-tree changes carry over (as git does)
+            self.store.write(lambda t: t.put("refs", refs.HEAD,
+                                             b"ref:" + refs.branch_key(rev) if is_branch else target))
+            return target
         if not force:
             dirty = sorted(set(st.staged) | set(st.modified))
             if dirty:

@@ -141,6 +141,11 @@ def test_checkout_refuses_to_overwrite_changes(repo):
     repo.add([os.path.join(repo.root, "a.pt")])
     repo.commit("a")
     repo.create_branch("b")
+    repo.checkout("b")
+    _write_ckpt(repo, "a.pt", 2)
+    repo.add([os.path.join(repo.root, "a.pt")])
+    repo.commit("a on b")
+    repo.checkout("main")
     h = _write_ckpt(repo, "a.pt", 1)
     with pytest.raises(WouldOverwrite):
         repo.checkout("b")
@@ -203,3 +208,16 @@ def test_repo_discovery_env_and_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CORALFS_REPO", str(tmp_path / "r"))
     assert Repository().root == str(tmp_path / "r")
+
+
+def test_checkout_same_content_carries_changes_over(repo):
+    _write_ckpt(repo, "a.pt", 0)
+    repo.add([os.path.join(repo.root, "a.pt")])
+    repo.commit("a")
+    h = _write_ckpt(repo, "a.pt", 1)  # uncommitted change
+    repo.create_branch("x")
+    repo.checkout("x")  # same tree: allowed, change kept
+    assert repo.current_branch() == "x"
+    assert repo.status().modified == ["a.pt"] and sha256(os.path.join(repo.root, "a.pt")) == h
+    repo.checkout("HEAD")  # stays attached
+    assert repo.current_branch() == "x"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import bisect
 import io
 
-
 from coralfs.objects import Manifest, Piece
 from coralfs.objectstore import ObjectStore
 

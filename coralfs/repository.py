@@ -11,13 +11,13 @@ import contextlib
 import fcntl
 import getpass
 import heapq
-import threading
 import io
 import json
 import os
 import re
 import socket
 import stat as stat_mod
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -39,7 +39,7 @@ from coralfs.errors import (
     WouldOverwrite,
 )
 from coralfs.hashing import hasher
-from coralfs.ingest import DEFAULT_MAX_DEPTH, IngestStats, Ingestor, MappedFile, Progress
+from coralfs.ingest import DEFAULT_MAX_DEPTH, Ingestor, IngestStats, MappedFile, Progress
 from coralfs.objects import (
     MODE_EXEC,
     MODE_FILE,

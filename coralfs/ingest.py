@@ -34,7 +34,9 @@ CHUNK_TARGET = 4 << 20
 INLINE_MAX = 1024
 CDC_MIN, CDC_AVG, CDC_MAX = 256 << 10, 1 << 20, 4 << 20
 BATCH_BYTES = 64 << 20
-DEFAULT_MAX_DEPTH = 8
+DEFAULT_MAX_DEPTH = 8  # hard bound on chain depth, whatever the policy
+KEYFRAME_EVERY = 16  # versions per keyframe cycle
+SUBCHAIN = 4  # every SUBCHAIN-th version deltas against the cycle's keyframe
 
 Progress = Callable[[int, int], None]
 
@@ -117,17 +119,37 @@ class Ingestor:
         return cid
 
     def _encode_job(self, raw: memoryview, width: int, base_cid: bytes | None) -> bytes:
+        """Encode one new tensor piece under the two-level chain policy.
+
+        With B = the previous version of this piece (generation g within its keyframe cycle):
+        generation g+1 == KEYFRAME_EVERY: a keyframe (no base); a multiple of SUBCHAIN: a delta
+        against the cycle's keyframe (depth 1); otherwise a delta against B, predicting also
+        from B's own base when B continues a sub-chain. Depth stays <= SUBCHAIN, so any
+        version decodes in at most SUBCHAIN + 1 steps. Measured (tensorcodec author, fp32 /
+        bf16 fine-tunes saved every 5 steps): .554 / .184 of raw at <= 5 decodes, against
+        .548 / .196 for a plain chain with a keyframe every 8 (<= 9 decodes)."""
         if base_cid is None:
             return records.encode_tensor(raw, width)
         h = self.ostore.chunk_header(base_cid)
-        if h.depth >= self.max_depth:
-            return records.encode_tensor(raw, width)  # a keyframe bounds the chain
-        base = self.ostore.get_chunk(base_cid)
+        gen = h.gen + 1 if h.bases else 1
+        if gen >= KEYFRAME_EVERY or h.depth >= self.max_depth:
+            return records.encode_tensor(raw, width)
+        if gen % SUBCHAIN == 0:
+            key = base_cid
+            kh = h
+            while kh.bases:  # walk to the cycle's keyframe (at most SUBCHAIN header reads)
+                key = kh.bases[0]
+                kh = self.ostore.chunk_header(key)
+            return records.encode_tensor(raw, width, (key, self.ostore.get_chunk(key)), None, 0, gen)
+        base = (base_cid, self.ostore.get_chunk(base_cid))
         base2 = None
-        if h.bases and h.depth >= 1:
+        if h.bases and h.gen % SUBCHAIN != 0:
             b2 = h.bases[0]
             base2 = (b2, self.ostore.get_chunk(b2))
-        return records.encode_tensor(raw, width, (base_cid, base), base2, h.depth)
+            depth = max(h.depth, self.ostore.chunk_header(b2).depth)
+        else:
+            depth = h.depth
+        return records.encode_tensor(raw, width, base, base2, depth, gen)
 
     # -- ingest ----------------------------------------------------------------
     def ingest(self, view: memoryview, name: str = "", prev: Manifest | None = None,

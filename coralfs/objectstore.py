@@ -76,11 +76,11 @@ class ObjectStore:
         return v
 
     def chunk_header(self, cid: bytes) -> records.RecordHeader:
-        with self.store.read() as t:
+        with self.store.read(buffers=True) as t:  # zero-copy: only the header is read
             v = t.get("chunks", cid)
             if v is None:
                 raise MissingObject(f"chunk {cid.hex()} is missing")
-            return records.parse_header(v[: records.HEADER_LEN + 2 * 32])
+            return records.parse_header(bytes(v[: records.HEADER_LEN + 2 * 32]))
 
     def get_chunk(self, cid: bytes, _depth: int = 0) -> bytes:
         data = self.chunk_cache.get(cid)

@@ -7,7 +7,7 @@ Layout (little endian)::
     codec           u8   (0 raw, 1 zstd, >=2 see coralfs.tensorcodec)
     width           u8   element width in bytes (1 for non-tensor data)
     nbases          u8   number of base chunk ids that follow the header
-    flags           u8   reserved, 0
+    gen             u8   versions since the last keyframe of this chunk's chain (chain policy only)
     depth           u16  delta-chain depth (0 = decodes on its own)
     raw_len         u64  length of the decoded bytes
     bases           nbases * 32 bytes
@@ -75,12 +75,13 @@ class RecordHeader:
     raw_len: int
     bases: tuple[bytes, ...]
     payload_offset: int
+    gen: int = 0
 
 
 def parse_header(value: bytes | memoryview) -> RecordHeader:
     if len(value) < HEADER_LEN:
         raise FormatError("chunk record too short")
-    magic, version, codec, width, nbases, _flags, depth, raw_len = _HEADER.unpack_from(value, 0)
+    magic, version, codec, width, nbases, gen, depth, raw_len = _HEADER.unpack_from(value, 0)
     if magic != MAGIC:
         raise FormatError("chunk record has a bad magic")
     if version != VERSION:
@@ -91,12 +92,13 @@ def parse_header(value: bytes | memoryview) -> RecordHeader:
     if len(value) < end:
         raise FormatError("chunk record truncated")
     bases = tuple(bytes(value[HEADER_LEN + i * ID_LEN : HEADER_LEN + (i + 1) * ID_LEN]) for i in range(nbases))
-    return RecordHeader(codec, width, depth, raw_len, bases, end)
+    return RecordHeader(codec, width, depth, raw_len, bases, end, gen)
 
 
 def pack(codec: int, width: int, raw_len: int, payload: bytes | memoryview,
-         bases: tuple[bytes, ...] = (), depth: int = 0) -> bytes:
-    header = _HEADER.pack(MAGIC, VERSION, codec, width, len(bases), 0, depth, raw_len)
+         bases: tuple[bytes, ...] = (), depth: int = 0, gen: int = 0) -> bytes:
+    header = _HEADER.pack(MAGIC, VERSION, codec, width, len(bases), min(gen, 255) if bases else 0, depth,
+                          raw_len)
     return b"".join((header, *bases, payload))
 
 
@@ -109,8 +111,10 @@ def encode_bytes(raw: bytes | memoryview) -> bytes:
 
 
 def encode_tensor(raw: bytes | memoryview, width: int, base: tuple[bytes, bytes] | None = None,
-                  base2: tuple[bytes, bytes] | None = None, base_depth: int = 0) -> bytes:
-    """Record for tensor bytes. ``base``/``base2`` are ``(chunk_id, decoded_bytes)``."""
+                  base2: tuple[bytes, bytes] | None = None, base_depth: int = 0, gen: int = 0) -> bytes:
+    """Record for tensor bytes. ``base``/``base2`` are ``(chunk_id, decoded_bytes)``;
+    ``base_depth`` the deepest chain among them; ``gen`` the chain-policy generation to
+    record if a delta is chosen (a base-free encoding is a keyframe: generation 0)."""
     codec, payload = tensorcodec.encode(raw, width, base[1] if base else None, base2[1] if base2 else None)
     if codec == RAW:
         return pack(RAW, width, len(raw), raw)
@@ -119,7 +123,7 @@ def encode_tensor(raw: bytes | memoryview, width: int, base: tuple[bytes, bytes]
     if used >= 1 and base is not None:
         bases = (base[0],) if used == 1 or base2 is None else (base[0], base2[0])
     depth = base_depth + 1 if bases else 0
-    return pack(codec, width, len(raw), payload, bases, depth)
+    return pack(codec, width, len(raw), payload, bases, depth, gen)
 
 
 def decode(value: bytes | memoryview, load_base: Callable[[bytes], bytes]) -> bytes:

@@ -124,8 +124,9 @@ class Store:
                     self.env.close()
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[Txn]:
-        with self.env.begin(buffers=False) as txn:
+    def read(self, buffers: bool = False) -> Iterator[Txn]:
+        """A short read transaction. With ``buffers``, values are zero-copy views valid only inside it."""
+        with self.env.begin(buffers=buffers) as txn:
             yield Txn(txn, self.dbs, False)
 
     def write(self, fn: Callable[[Txn], T]) -> T:

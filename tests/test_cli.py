@@ -416,3 +416,23 @@ def test_subprocess_console_script(tmp_path):
     assert p.returncode == 2 and b"not a coralfs repository" in p.stderr and b"Traceback" not in p.stderr
     p = _coralfs("--version", cwd=tmp_path)
     assert p.returncode == 0 and p.stdout.decode().strip() == f"coralfs {__version__}"
+
+
+def test_log_best_metric(tmp_path, capsys):
+    import json as _json
+
+    from coralfs.cli import main as cli_main
+
+    repo = tmp_path / "r"
+    assert cli_main(["init", str(repo)]) == 0
+    for i, acc in enumerate([0.5, 0.9, 0.7]):
+        (repo / "f.txt").write_text(str(i))
+        assert cli_main(["-R", str(repo), "add", str(repo / "f.txt")]) == 0
+        assert cli_main(["-R", str(repo), "commit", "-m", f"c{i}", "--metric", f"accuracy={acc}"]) == 0
+    capsys.readouterr()
+    assert cli_main(["-R", str(repo), "log", "--json", "--metric", "accuracy", "--best", "max"]) == 0
+    rows = _json.loads(capsys.readouterr().out)
+    assert len(rows) == 1 and rows[0]["message"] == "c1"
+    assert cli_main(["-R", str(repo), "log", "--json", "--metric", "accuracy", "--best", "min"]) == 0
+    assert _json.loads(capsys.readouterr().out)[0]["message"] == "c0"
+    assert cli_main(["-R", str(repo), "log", "--metric", "nope", "--best", "max"]) == 3

@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from coralfs import cli
-from coralfs.errors import InvalidArgument, NothingToCommit
+from coralfs.errors import InvalidArgument, NothingToCommit, UnknownRevision
 
 
 def register(sub: Any) -> None:
@@ -45,6 +45,8 @@ def register(sub: Any) -> None:
     p.add_argument("-n", "--max-count", type=int, metavar="N", help="show at most N commits")
     p.add_argument("--oneline", action="store_true", help="one line per commit")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--metric", metavar="NAME", help="only commits that carry this metric (with --best: the best one)")
+    p.add_argument("--best", choices=("max", "min"), help="with --metric: show the commit with the best value")
     p.set_defaults(func=cmd_log)
 
     p = sub.add_parser("show", parents=[common], help="show a commit (or tag) and its files")
@@ -179,7 +181,19 @@ def _print_commit_header(cid: bytes, c: Any, refs: list[str], full_parents: bool
 def cmd_log(args: argparse.Namespace, repo: Any) -> int:
     if args.max_count is not None and args.max_count < 0:
         raise InvalidArgument("-n must be >= 0")
-    entries = repo.log(args.rev, n=args.max_count) if args.max_count != 0 else []
+    if args.best and not args.metric:
+        raise InvalidArgument("--best needs --metric NAME")
+    if args.metric and args.best:
+        from coralfs.diff import best_commit
+
+        best = best_commit(repo, args.metric, args.best, args.rev)
+        if best is None:
+            raise UnknownRevision(f"no commit reachable from {args.rev} has metric {args.metric!r}")
+        entries = [(best.commit_id, best.commit)]
+    else:
+        entries = repo.log(args.rev, n=None if args.metric else args.max_count) if args.max_count != 0 else []
+        if args.metric:
+            entries = [(cid, c) for cid, c in entries if args.metric in c.metrics][: args.max_count]
     deco = decorations(repo)
     if args.json:
         cli.print_json([commit_json(cid, c, deco.get(cid, [])) for cid, c in entries])

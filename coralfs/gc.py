@@ -1,0 +1,679 @@
+"""Garbage collection: mark what is reachable, re-encode orphaned deltas, sweep the rest.
+
+Roots (what is never swept)
+    every ref (branches, tags -> tag object -> commit, a detached HEAD), every stage entry,
+    and pending mount data (``index`` keys ``b"pend\\x00..."`` whose JSON value names a
+    manifest as hex ``"m"``). From a root: commit -> tree + parents, tree -> manifests,
+    manifest -> chunks, tag -> commit.
+
+Phases (each write is a bounded transaction; SIGKILL at any point leaves a consistent
+repository and a rerun finishes the job)
+
+1. **mark** in one read snapshot (no writes), and list the candidates from that same
+   snapshot. A reachable object that is missing or corrupt aborts gc: what it references
+   is unknown, so nothing may be swept.
+2. **sweep** what nothing needs, in batches: index entries that point at dead things first
+   (commit index ``c\\0``, tensor base index ``tb\\0``, stat cache ``st\\0``: a cache entry
+   must never outlive the manifest it names), then dead objects, then dead chunks that are
+   not a base of any live chunk. Each batch transaction first checks whether the roots
+   changed since the mark (a ref moved, a stage entry appeared); if so it marks from the
+   new roots inside the transaction (keeping the bases of newly marked chunks) before it
+   deletes anything. Only keys listed in the mark snapshot are candidates, so nothing
+   created after the mark is ever swept.
+3. **re-encode**: a live chunk's record may name a base chunk that is dead (the checkpoint
+   it was a delta against was pruned). Such chunks are re-encoded, in order of delta
+   depth, against their nearest *live* ancestor in the base chain (or as a keyframe when
+   that would exceed the repository's max depth or no ancestor survives). The chunk id
+   does not change: it is the hash of the decoded bytes. Every new record is decoded and
+   checked against the id before it is written. A chunk that cannot be decoded
+   (corruption) is left alone and its bases are kept instead. These writes reuse the
+   pages freed in phase 2.
+4. a short **grace** pause when anything was re-encoded, so that a concurrent reader that
+   fetched an old record just before its re-encode can still fetch the old base.
+5. **sweep** the old bases.
+
+Concurrency: gc holds ``Repository.exclusive()`` for the whole run, so no ingest is in
+flight (an ingest writes chunks before anything references them). Readers (a mount, a
+``cat``) keep working: LMDB readers see consistent snapshots and every deletion happens
+in a write transaction. A reader that holds a file view of a commit that gc found
+unreachable (a pruned checkpoint) loses it: that is what gc is for.
+
+``compact()`` (``coralfs gc --compact``) additionally rewrites ``data.mdb`` without free
+pages, see its docstring for the rules that keep it safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from coralfs import records, refs
+from coralfs.errors import ConcurrentUpdate, CoralError, IntegrityError
+from coralfs.hashing import ID_LEN, digest, hasher
+from coralfs.objects import Commit, Manifest, Tag, Tree
+from coralfs.objectstore import ObjectStore
+from coralfs.store import Txn
+
+if TYPE_CHECKING:
+    from coralfs.repository import Repository
+
+PEND_PREFIX = b"pend\x00"
+COMMIT_INDEX = b"c\x00"
+TENSOR_INDEX = b"tb\x00"
+STAT_INDEX = b"st\x00"
+
+#: Test hook: ``CORALFS_GC_KILL_AT=PHASE[:N]`` sends SIGKILL to this process right after the
+#: N-th (default 1st) event of PHASE: mark, sweep-index, sweep-objects, sweep-chunks, reencode,
+#: grace, sweep-bases, done, compact-copied, compact-swapped.
+KILL_ENV = "CORALFS_GC_KILL_AT"
+
+BATCH_KEYS = 2000  # deletions per sweep transaction
+BATCH_BYTES = 64 << 20  # bytes of re-encoded records per transaction
+GRACE_SECONDS = 0.25
+_HDR_PEEK = records.HEADER_LEN + 2 * ID_LEN
+
+
+class GcAborted(IntegrityError):
+    """gc stopped: a reachable object is missing or corrupt (run `coralfs fsck`)"""
+
+
+@dataclass
+class GcStats:
+    dry_run: bool = False
+    commits: int = 0
+    objects_live: int = 0
+    chunks_live: int = 0
+    objects_total: int = 0
+    chunks_total: int = 0
+    objects_swept: int = 0
+    object_bytes_swept: int = 0
+    chunks_swept: int = 0
+    chunk_bytes_swept: int = 0
+    index_swept: int = 0
+    reencoded: int = 0
+    reencode_bytes_before: int = 0
+    reencode_bytes_after: int = 0
+    keyframes: int = 0  # re-encoded chunks that became keyframes
+    kept_bases: int = 0  # bases kept because a reachable chunk could not be re-encoded
+    remarks: int = 0  # sweep batches that found the roots changed and marked again
+    problems: list[str] = field(default_factory=list)
+    file_bytes_before: int = 0
+    file_bytes_after: int = 0
+    free_pages_before: int = 0
+    free_pages_after: int = 0
+    compacted: bool = False
+    seconds: float = 0.0
+
+    @property
+    def bytes_freed(self) -> int:
+        """Bytes of records and objects removed (LMDB reuses these pages for later writes)."""
+        return self.chunk_bytes_swept + self.object_bytes_swept + max(
+            0, self.reencode_bytes_before - self.reencode_bytes_after)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["bytes_freed"] = self.bytes_freed
+        return d
+
+
+# ------------------------------------------------------------------ test hook
+_hook_counts: dict[str, int] = {}
+
+
+def _hook(phase: str) -> None:
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    name, _, n = spec.partition(":")
+    if name != phase:
+        return
+    _hook_counts[phase] = _hook_counts.get(phase, 0) + 1
+    if _hook_counts[phase] >= int(n or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ------------------------------------------------------------------ mark
+class Marker:
+    """The live set: object ids and chunk ids reachable from the roots."""
+
+    def __init__(self, repo: Repository) -> None:
+        self.repo = repo
+        self.objects: set[bytes] = set()
+        self.chunks: set[bytes] = set()
+        self.commits = 0
+        self.fingerprint = b""
+        # a private object store: a cached object of the caller never hides a problem
+        self.ostore = ObjectStore(repo.store, cache_bytes=0)
+
+    @staticmethod
+    def roots(t: Txn) -> tuple[list[bytes], bytes]:
+        """Root object ids and a fingerprint of everything roots are made of."""
+        ids: list[bytes] = []
+        h = hasher()
+        for k, v in t.items("refs"):
+            h.update(len(k).to_bytes(4, "little") + k + len(v).to_bytes(4, "little") + v)
+            if k == refs.HEAD and v.startswith(b"ref:"):
+                continue
+            if len(v) == ID_LEN:
+                ids.append(v)
+        for db, prefix in (("stage", b""), ("index", PEND_PREFIX)):
+            for k, v in t.items(db, prefix):
+                h.update(len(k).to_bytes(4, "little") + k + len(v).to_bytes(4, "little") + v)
+                try:
+                    d = json.loads(v)
+                except ValueError as e:
+                    raise GcAborted(f"gc stopped: unreadable {db} entry {k!r}: {e}") from e
+                m = d.get("m") if isinstance(d, dict) else None
+                if m:
+                    ids.append(bytes.fromhex(m))
+        return ids, h.digest()
+
+    def mark_roots(self, t: Txn) -> set[bytes]:
+        """Mark from the current roots (incrementally); returns the newly marked chunks."""
+        ids, self.fingerprint = self.roots(t)
+        return self.mark(t, ids)
+
+    def mark(self, t: Txn, ids: Iterable[bytes]) -> set[bytes]:
+        new_chunks: set[bytes] = set()
+        stack = list(ids)
+        while stack:
+            oid = stack.pop()
+            if oid in self.objects:
+                continue
+            try:
+                obj = self.ostore.get_object(oid, t)
+            except CoralError as e:
+                raise GcAborted(f"gc stopped: reachable object {oid.hex()[:16]}: {e} (run `coralfs fsck`)"
+                                ) from e
+            self.objects.add(oid)
+            if isinstance(obj, Commit):
+                self.commits += 1
+                stack.append(obj.tree)
+                stack.extend(obj.parents)
+            elif isinstance(obj, Tree):
+                stack.extend(e.manifest for e in obj.entries.values())
+            elif isinstance(obj, Manifest):
+                for cid in obj.chunk_ids():
+                    if cid not in self.chunks:
+                        self.chunks.add(cid)
+                        new_chunks.add(cid)
+            elif isinstance(obj, Tag):
+                stack.append(obj.commit)
+        return new_chunks
+
+    def keep_bases(self, t: Txn, cids: Iterable[bytes]) -> int:
+        """Mark the base chains of ``cids`` (transitively); returns how many were added."""
+        added = 0
+        stack = list(cids)
+        seen: set[bytes] = set()
+        while stack:
+            cid = stack.pop()
+            if cid in seen:
+                continue
+            seen.add(cid)
+            v = t.txn.get(cid, db=t.dbs["chunks"])
+            if v is None:
+                continue
+            try:
+                h = records.parse_header(bytes(v[:_HDR_PEEK]))
+            except CoralError:
+                continue
+            for b in h.bases:
+                if b not in self.chunks:
+                    self.chunks.add(b)
+                    added += 1
+                stack.append(b)
+        return added
+
+
+class _SnapTxn(Txn):
+    """A Txn over a ``buffers=True`` transaction whose ``get`` still returns bytes."""
+
+    def get(self, db: str, key: bytes) -> bytes | None:
+        v = self.txn.get(key, db=self.dbs[db])
+        return None if v is None else bytes(v)
+
+    def items(self, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        with self.txn.cursor(db=self.dbs[db]) as cur:
+            if not cur.set_range(prefix):
+                return
+            for k, v in cur:
+                k = bytes(k)
+                if not k.startswith(prefix):
+                    break
+                yield k, bytes(v)
+
+
+@contextlib.contextmanager
+def _raw_read(repo: Repository) -> Iterator[Any]:
+    """A read transaction that returns buffers (no copy of big values)."""
+    with repo.store.env.begin(buffers=True) as txn:
+        yield txn
+
+
+def _peek_header(repo: Repository, cid: bytes) -> records.RecordHeader | None:
+    with _raw_read(repo) as txn:
+        v = txn.get(cid, db=repo.store.dbs["chunks"])
+        if v is None:
+            return None
+        return records.parse_header(bytes(v[:_HDR_PEEK]))
+
+
+# ------------------------------------------------------------------ LMDB info
+def lmdb_info(repo: Repository) -> dict[str, Any]:
+    """File size, page use and free pages of the repository's LMDB environment.
+
+    ``free_pages`` = pages below the high-water mark that no database uses (the freelist
+    and pages retired but still pinned by a reader count as free). LMDB reuses them for
+    later writes before it grows the file."""
+    env = repo.store.env
+    env.reader_check()
+    info = env.info()
+    st = env.stat()
+    psize = st["psize"]
+    used = st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
+    dbs: dict[str, dict[str, int]] = {}
+    with env.begin() as txn:
+        for name, db in repo.store.dbs.items():
+            s = txn.stat(db)
+            pages = s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
+            used += pages
+            dbs[name] = {"entries": s["entries"], "pages": pages, "bytes": pages * psize}
+    total = info["last_pgno"] + 1
+    path = os.path.join(repo.store.path, "data.mdb")
+    st_file = os.stat(path)
+    readers = [line.split() for line in env.readers().splitlines()[1:] if line.strip()]
+    return {
+        "file_bytes": st_file.st_size, "disk_bytes": st_file.st_blocks * 512, "page_size": psize,
+        "pages_high_water": total, "pages_used": used + 2, "free_pages": max(0, total - used - 2),
+        "free_bytes": max(0, total - used - 2) * psize, "map_size": info["map_size"],
+        "last_txnid": info["last_txnid"], "reader_slots": len(readers),
+        "reader_pids": sorted({int(r[0]) for r in readers if r and r[0].isdigit()}),
+        "databases": dbs,
+    }
+
+
+# ------------------------------------------------------------------ gc
+def gc(repo: Repository, dry_run: bool = False, compact: bool = False, grace: float | None = None,
+       batch_keys: int = BATCH_KEYS, batch_bytes: int = BATCH_BYTES, wait: bool = True,
+       log: Callable[[str], None] | None = None) -> GcStats:
+    """Collect garbage; see the module docstring. Holds ``repo.exclusive()`` throughout.
+
+    ``grace``: seconds to pause between re-encoding and sweeping the old bases (default
+    ``GRACE_SECONDS``); ``wait=False`` fails at once when an ingest is running."""
+    t0 = time.monotonic()
+    grace = GRACE_SECONDS if grace is None else grace
+    with repo.exclusive(wait=wait):
+        stats = _gc_locked(repo, dry_run, grace, batch_keys, batch_bytes, log)
+        if compact and not dry_run:
+            try:
+                _compact_locked(repo)
+            except ConcurrentUpdate as e:
+                raise ConcurrentUpdate(f"gc done ({stats.chunks_swept} chunks, {stats.objects_swept} objects, "
+                                       f"{stats.bytes_freed} bytes freed), but {e}") from e
+            stats.compacted = True
+            info = lmdb_info(repo)
+            stats.file_bytes_after, stats.free_pages_after = info["file_bytes"], info["free_pages"]
+    stats.seconds = time.monotonic() - t0
+    return stats
+
+
+def _gc_locked(repo: Repository, dry_run: bool, grace: float, batch_keys: int, batch_bytes: int,
+               log: Callable[[str], None] | None) -> GcStats:
+    say = log or (lambda _m: None)
+    stats = GcStats(dry_run=dry_run)
+    info = lmdb_info(repo)
+    stats.file_bytes_before, stats.free_pages_before = info["file_bytes"], info["free_pages"]
+    marker = Marker(repo)
+
+    # 1. mark, and list the candidates, from one snapshot
+    dead_chunks: list[tuple[bytes, int]] = []
+    dead_objects: list[tuple[bytes, int]] = []
+    dead_index: list[bytes] = []
+    reencode: list[tuple[int, bytes]] = []
+    with _raw_read(repo) as txn:
+        marker.mark_roots(_SnapTxn(txn, repo.store.dbs, False))
+        for k, v in txn.cursor(db=repo.store.dbs["objects"]):
+            stats.objects_total += 1
+            if bytes(k) not in marker.objects:
+                dead_objects.append((bytes(k), len(v)))
+        for k, v in txn.cursor(db=repo.store.dbs["chunks"]):
+            stats.chunks_total += 1
+            cid = bytes(k)
+            if cid not in marker.chunks:
+                dead_chunks.append((cid, len(v)))
+                continue
+            try:
+                h = records.parse_header(bytes(v[:_HDR_PEEK]))
+            except CoralError as e:
+                stats.problems.append(f"reachable chunk {cid.hex()[:16]} has a bad header: {e}")
+                continue
+            if any(b not in marker.chunks for b in h.bases):
+                reencode.append((h.depth, cid))
+        for k, v in txn.cursor(db=repo.store.dbs["index"]):
+            key = bytes(k)
+            if not _index_live(key, bytes(v), marker):
+                dead_index.append(key)
+    stats.commits = marker.commits
+    say(f"marked {marker.commits} commits, {len(marker.objects)} objects, {len(marker.chunks)} chunks")
+    _hook("mark")
+
+    reencode.sort()
+    if dry_run:
+        stats.reencoded = len(reencode)
+        stats.index_swept = len(dead_index)
+        stats.objects_swept = len(dead_objects)
+        stats.object_bytes_swept = sum(n for _, n in dead_objects)
+        stats.chunks_swept = len(dead_chunks)
+        stats.chunk_bytes_swept = sum(n for _, n in dead_chunks)
+    else:
+        # 2. sweep what nothing needs: dead index entries (first: a cache entry must never
+        #    outlive what it names), objects, and dead chunks that are no base of a live one
+        needed = _dead_bases(repo, marker, [cid for _, cid in reencode])
+        _sweep(repo, marker, "index", [(k, 0) for k in dead_index], stats, batch_keys, "sweep-index")
+        _sweep(repo, marker, "objects", dead_objects, stats, batch_keys, "sweep-objects")
+        _sweep(repo, marker, "chunks", [c for c in dead_chunks if c[0] not in needed], stats, batch_keys,
+               "sweep-chunks")
+        # LMDB reuses the pages a transaction freed only from the transaction after the next
+        # one: this small write (the gc record in config) makes the pages just freed usable
+        _note(repo, {"state": "reencode", "time": time.time()})
+        # 3. re-encode live chunks whose bases are dead (reuses the pages just freed)
+        if reencode:
+            _reencode(repo, marker, [cid for _, cid in reencode], stats, batch_bytes, say)
+            # 4. a reader that fetched an old record just before its re-encode still finds its base
+            if stats.reencoded and grace > 0:
+                time.sleep(grace)
+            _hook("grace")
+        # 5. sweep the old bases
+        _sweep(repo, marker, "chunks", [c for c in dead_chunks if c[0] in needed], stats, batch_keys,
+               "sweep-bases")
+        _note(repo, {"state": "done", "time": time.time(), "chunks_swept": stats.chunks_swept,
+                     "objects_swept": stats.objects_swept, "bytes_freed": stats.bytes_freed})
+    stats.objects_live = len(marker.objects)
+    stats.chunks_live = len(marker.chunks)
+    info = lmdb_info(repo)
+    stats.file_bytes_after, stats.free_pages_after = info["file_bytes"], info["free_pages"]
+    _hook("done")
+    return stats
+
+
+def _note(repo: Repository, state: dict[str, Any]) -> None:
+    """Record gc progress in ``config`` under ``b"gc"`` (informational)."""
+    repo.store.write(lambda t: t.put("config", b"gc", json.dumps(state).encode()))
+
+
+def _dead_bases(repo: Repository, marker: Marker, live: list[bytes]) -> set[bytes]:
+    """Dead chunks in the (transitive) base chains of ``live`` chunks."""
+    out: set[bytes] = set()
+    stack = list(live)
+    seen: set[bytes] = set()
+    while stack:
+        cid = stack.pop()
+        if cid in seen:
+            continue
+        seen.add(cid)
+        try:
+            h = _peek_header(repo, cid)
+        except CoralError:
+            continue
+        for b in h.bases if h is not None else ():
+            if b not in marker.chunks:  # a live base is itself live or re-encoded: stop there
+                out.add(b)
+                stack.append(b)
+    return out
+
+
+def _index_live(key: bytes, value: bytes, marker: Marker) -> bool:
+    """Whether an index entry still points at something live (unknown kinds are kept)."""
+    if key.startswith(COMMIT_INDEX):
+        return key[len(COMMIT_INDEX):] in marker.objects
+    if key.startswith(TENSOR_INDEX):
+        return value in marker.chunks
+    if key.startswith(STAT_INDEX):
+        try:
+            m = json.loads(value).get("m")
+            return m is not None and bytes.fromhex(m) in marker.objects
+        except (ValueError, AttributeError):
+            return False  # a cache entry nobody can use
+    return True
+
+
+def _reencode(repo: Repository, marker: Marker, todo: list[bytes], stats: GcStats, batch_bytes: int,
+              say: Callable[[str], None]) -> None:
+    """Re-encode ``todo`` (sorted by depth) so that no reachable chunk names a dead base."""
+    max_depth = int(getattr(repo.ingestor, "max_depth", 8))
+    vstore = ObjectStore(repo.store, cache_bytes=128 << 20)
+    new_headers: dict[bytes, records.RecordHeader] = {}
+
+    def header(cid: bytes) -> records.RecordHeader | None:
+        h = new_headers.get(cid)
+        return h if h is not None else _peek_header(repo, cid)
+
+    def live_ancestor(start: bytes) -> bytes | None:
+        cur: bytes | None = start
+        for _ in range(64):
+            if cur is None:
+                return None
+            if cur in marker.chunks:
+                return cur
+            h = header(cur)
+            cur = h.bases[0] if h is not None and h.bases else None
+        return None
+
+    batch: list[tuple[bytes, bytes]] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal batch, size
+        if not batch:
+            return
+        items = batch
+
+        def fn(t: Txn) -> None:
+            for cid, rec in items:
+                t.put("chunks", cid, rec)
+
+        repo.store.write(fn)
+        batch, size = [], 0
+        _hook("reencode")
+
+    failed: list[bytes] = []
+    for cid in todo:
+        try:
+            old = vstore.chunk_record(cid)
+            h = records.parse_header(old)
+            raw = vstore.get_chunk(cid)  # verified against the id, through the old chain
+            base: tuple[bytes, bytes] | None = None
+            base2: tuple[bytes, bytes] | None = None
+            base_depth = 0
+            anc = live_ancestor(h.bases[0]) if h.bases else None
+            if anc is not None:
+                ha = header(anc)
+                if ha is not None and ha.depth + 1 <= max_depth:
+                    base = (anc, vstore.get_chunk(anc))
+                    base_depth = ha.depth
+                    if ha.bases and ha.depth >= 1 and ha.bases[0] in marker.chunks:
+                        base2 = (ha.bases[0], vstore.get_chunk(ha.bases[0]))
+            rec = records.encode_tensor(raw, h.width, base, base2, base_depth) if base else \
+                records.encode_tensor(raw, h.width)
+            nh = records.parse_header(rec)
+            known = {b[0]: b[1] for b in (base, base2) if b is not None}
+            if any(b not in marker.chunks or b not in known for b in nh.bases):
+                raise IntegrityError("re-encoded record names an unexpected base")
+            if digest(records.decode(rec, known.__getitem__)) != cid:
+                raise IntegrityError("re-encoded record does not decode to the chunk")
+        except CoralError as e:
+            stats.problems.append(f"chunk {cid.hex()[:16]} could not be re-encoded ({e}); its bases are kept")
+            failed.append(cid)
+            continue
+        new_headers[cid] = nh
+        stats.reencoded += 1
+        stats.keyframes += 0 if nh.bases else 1
+        stats.reencode_bytes_before += len(old)
+        stats.reencode_bytes_after += len(rec)
+        batch.append((cid, rec))
+        size += len(rec)
+        if size >= batch_bytes:
+            flush()
+    flush()
+    if failed:
+        with repo.store.read() as t:
+            stats.kept_bases += marker.keep_bases(t, failed)
+    say(f"re-encoded {stats.reencoded} chunks ({stats.keyframes} as keyframes)")
+
+
+def _sweep(repo: Repository, marker: Marker, db: str, keys: list[tuple[bytes, int]], stats: GcStats,
+           batch_keys: int, phase: str) -> None:
+    for i in range(0, len(keys), batch_keys):
+        part = keys[i : i + batch_keys]
+
+        def fn(t: Txn, part: list[tuple[bytes, int]] = part) -> tuple[int, int, int]:
+            remarked = 0
+            ids, fp = Marker.roots(t)
+            if fp != marker.fingerprint:  # a ref moved or a stage entry appeared since the mark
+                new = marker.mark(t, ids)
+                marker.fingerprint = fp
+                marker.keep_bases(t, new)
+                remarked = 1
+            n = nbytes = 0
+            for key, size in part:
+                if db == "index":
+                    v = t.get("index", key)
+                    if v is None or _index_live(key, v, marker):
+                        continue
+                elif key in (marker.objects if db == "objects" else marker.chunks):
+                    continue
+                if t.delete(db, key):
+                    n += 1
+                    nbytes += size
+            return n, nbytes, remarked
+
+        n, nbytes, remarked = repo.store.write(fn)
+        stats.remarks += remarked
+        if db == "index":
+            stats.index_swept += n
+        elif db == "objects":
+            stats.objects_swept += n
+            stats.object_bytes_swept += nbytes
+        else:
+            stats.chunks_swept += n
+            stats.chunk_bytes_swept += nbytes
+        _hook(phase)
+
+
+# ------------------------------------------------------------------ compact
+def _other_lock_holders(lock_path: str) -> set[int]:
+    """Pids (other than ours) holding POSIX locks on ``lock_path`` per /proc/locks (LMDB holds
+    a shared lock on byte 0 of lock.mdb while it has the environment open)."""
+    try:
+        ino = os.stat(lock_path).st_ino
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return set()
+    pids = set()
+    for line in lines:
+        parts = line.split()
+        try:
+            i = parts.index("->") if "->" in parts else -1
+            fields = parts[i + 1:] if i >= 0 else parts[1:]
+            pid, dev_ino = int(fields[3]), fields[4]
+        except (ValueError, IndexError):
+            continue
+        if int(dev_ino.rsplit(":", 1)[-1]) == ino and pid != os.getpid():
+            pids.add(pid)
+    return pids
+
+
+def compact(repo: Repository, wait: bool = True) -> dict[str, int]:
+    """Rewrite ``data.mdb`` without free pages (under ``repo.exclusive()``); see ``_compact_locked``."""
+    with repo.exclusive(wait=wait):
+        return _compact_locked(repo)
+
+
+def _compact_locked(repo: Repository) -> dict[str, int]:
+    """Rewrite the LMDB file compacted and swap it in.
+
+    Safe only when no other process has the repository open (a mount, a training job, a
+    second CLI): their open environment would keep using the old file. So compact
+
+    * refuses (ConcurrentUpdate) when /proc/locks shows another process holding LMDB's
+      lock on ``lock.mdb``, or another Repository in this process shares the environment;
+    * copies with ``env.copy(compact=True)`` into ``.coralfs/store.compact/``, fsyncs the
+      copy and its directory;
+    * closes its own environment and takes a POSIX write lock on byte 0 of ``lock.mdb``:
+      that fails if any process opened the repository meanwhile (then compact gives up,
+      nothing changed), and makes a process that opens it from now on wait;
+    * renames the copy over ``data.mdb`` (atomic), fsyncs the directory, and reopens the
+      environment while still holding the lock, so LMDB re-initialises ``lock.mdb`` from the
+      new file before anyone else can read it. The lock file descriptor stays open for the
+      life of this process (closing it would drop LMDB's own lock on that file).
+
+    A crash before the rename leaves the old file (and a stale copy that the next compact
+    removes); after it, the new one. Returns sizes before and after."""
+    from coralfs import store as store_mod
+
+    st = repo.store
+    path = st.path
+    data = os.path.join(path, "data.mdb")
+    lock_path = os.path.join(path, "lock.mdb")
+    shared = store_mod._OPEN.get(getattr(st, "_key", None))
+    if shared is not None and shared[2] > 1:
+        raise ConcurrentUpdate("compact: another Repository in this process has the repository open")
+    others = _other_lock_holders(lock_path)
+    if others:
+        raise ConcurrentUpdate("compact: other processes have the repository open (pids "
+                               + ", ".join(map(str, sorted(others))) + "); stop them first")
+    before = os.path.getsize(data)
+    tmp = path + ".compact"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        st.env.copy(tmp, compact=True)
+        new = os.path.join(tmp, "data.mdb")
+        _fsync_path(new)
+        _fsync_path(tmp)
+        _hook("compact-copied")
+        st.close()
+        fd = os.open(lock_path, os.O_RDWR)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)
+        except OSError as e:
+            os.close(fd)  # we hold no other lock on this file now, so closing is harmless
+            _reopen(repo)
+            raise ConcurrentUpdate("compact: another process opened the repository; not compacted") from e
+        os.replace(new, data)
+        _fsync_path(path)
+        _hook("compact-swapped")
+        _reopen(repo)  # LMDB: exclusive open (same process) -> re-initialises lock.mdb, then shares
+        _LOCK_FDS.append(fd)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"bytes_before": before, "bytes_after": os.path.getsize(data)}
+
+
+_LOCK_FDS: list[int] = []
+
+
+def _fsync_path(p: str) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _reopen(repo: Repository) -> None:
+    from coralfs.store import Store
+
+    st = Store(repo.store.path)
+    repo.store = st
+    repo.objects.store = st

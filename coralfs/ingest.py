@@ -153,8 +153,8 @@ class Ingestor:
 
     # -- ingest ----------------------------------------------------------------
     def ingest(self, view: memoryview, name: str = "", prev: Manifest | None = None,
-               progress: Progress | None = None) -> tuple[Manifest, IngestStats]:
-        """Store ``view``'s chunks and return its manifest (not yet stored)."""
+               progress: Progress | None = None) -> tuple[bytes, Manifest, IngestStats]:
+        """Store ``view``'s chunks and its manifest; returns (manifest id, manifest, stats)."""
         size = len(view)
         fmt, regions = split(view, name)
         prev_tensors = prev.tensors() if prev is not None else {}
@@ -223,15 +223,20 @@ class Ingestor:
                             progress(done, size)
                 segments.append(Segment(r.kind, tuple(pieces), r.name, r.dtype, r.width, r.shape))
             drain(0)
-        flush()
-        if index_updates:
-            def upd(t: Txn) -> None:
-                for k, v in index_updates.items():
-                    t.put("index", k, v)
-            self.ostore.store.write(upd)
         if progress is not None:
             progress(size, size)
         manifest = Manifest(size, digest(view), fmt, tuple(segments))
         if sum(s.length for s in segments) != size:
             raise CoralError("internal error: segments do not cover the file")
-        return manifest, stats
+        tail = batch
+
+        def finish(t: Txn) -> bytes:
+            # the last chunks, the tensor base index and the manifest: one transaction (one fsync)
+            for cid, rec in tail:
+                t.put("chunks", cid, rec, overwrite=False)
+            for k, v in index_updates.items():
+                t.put("index", k, v)
+            return self.ostore.put_object(t, manifest)
+
+        mid = self.ostore.store.write(finish)
+        return mid, manifest, stats

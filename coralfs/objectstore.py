@@ -88,11 +88,18 @@ class ObjectStore:
             return data
         if _depth > MAX_CHAIN:
             raise FormatError("delta chain too deep (a cycle?)")
-        record = self.chunk_record(cid)
-        try:
-            data = records.decode(record, lambda b: self.get_chunk(b, _depth + 1))
-        except FormatError as e:
-            raise IntegrityError(f"chunk {cid.hex()[:16]} is corrupt: {e}") from e
+        for attempt in (0, 1):
+            record = self.chunk_record(cid)
+            try:
+                data = records.decode(record, lambda b: self.get_chunk(b, _depth + 1))
+                break
+            except MissingObject:
+                # gc may have re-encoded this chunk against another base and swept the old
+                # one between our two reads: the fresh record names a base that exists.
+                if attempt:
+                    raise
+            except FormatError as e:
+                raise IntegrityError(f"chunk {cid.hex()[:16]} is corrupt: {e}") from e
         if digest(data) != cid:
             raise IntegrityError(f"chunk {cid.hex()[:16]} does not match its id")
         self.chunk_cache.put(cid, data)

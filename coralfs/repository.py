@@ -485,9 +485,7 @@ class Repository:
         """Store a file's bytes; returns (manifest id, manifest, stats). The manifest is stored too."""
         prev_manifest = self.get_manifest(prev.manifest) if prev is not None else None
         with self.writing():
-            manifest, stats = self.ingestor.ingest(view, path, prev_manifest, progress)
-            mid = self.store.write(lambda t: self.objects.put_object(t, manifest))
-        return mid, manifest, stats
+            return self.ingestor.ingest(view, path, prev_manifest, progress)
 
     def ingest_file(self, fs_path: str | os.PathLike[str], path: str, prev: TreeEntry | None = None,
                     progress: Progress | None = None) -> tuple[TreeEntry, IngestStats]:

@@ -54,7 +54,7 @@ from coralfs.errors import CoralError, InvalidArgument
 
 #: Submodules of ``coralfs.cli`` that define commands (each has ``register(subparsers)``).
 #: Order is the order of commands in ``coralfs --help``.
-COMMAND_MODULES: list[str] = ["basic", "refs", "inspect", "mount"]
+COMMAND_MODULES: list[str] = ["basic", "refs", "inspect", "mount", "model", "maint"]
 
 PROG = "coralfs"
 SHORT = 12  # hex digits of an id shown to humans

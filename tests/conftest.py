@@ -1,0 +1,176 @@
+"""Shared pytest fixtures.
+
+* ``make_repo``: a factory for empty repositories in a temporary directory (closed at the end).
+* ``fuse_mounter`` (session) / ``fuse_mount`` (per test): mount a repository with a real
+  FUSE filesystem in a subprocess (``python -m coralfs.fuse REPO MOUNTPOINT --foreground``),
+  so a crash in the filesystem cannot take the test process down. Every mount is always
+  unmounted (and its process stopped) by a finalizer, also when the test fails. Tests that
+  need FUSE are skipped, with the reason, only where /dev/fuse or fusermount3 is missing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+MOUNT_TIMEOUT = 30.0
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fuse_unavailable_reason() -> str | None:
+    """Why a FUSE mount cannot work here, or None."""
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing (no FUSE in this environment)"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is missing (apt-get install fuse3)"
+    return None
+
+
+def _die_with_parent() -> None:
+    """In the mount subprocess: SIGTERM when the test process dies (even by a crash, when no
+    finalizer runs); libfuse then unmounts."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _mounted(path: str) -> bool:
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            return any(line.split()[4] == path for line in f if len(line.split()) > 4)
+    except OSError:
+        return os.path.ismount(path)
+
+
+@dataclass
+class FuseMount:
+    """A repository mounted by a ``python -m coralfs.fuse --foreground`` subprocess."""
+
+    repo: str
+    path: str
+    proc: subprocess.Popen
+    output: str  # the subprocess's stdout+stderr
+    log: str  # REPO/.coralfs/mount.log
+    stopped: bool = field(default=False)
+
+    def __truediv__(self, rel: str) -> str:
+        return os.path.join(self.path, rel.lstrip("/"))
+
+    def log_text(self) -> str:
+        parts = []
+        for p in (self.log, self.output):
+            if os.path.exists(p):
+                parts.append(Path(p).read_text(errors="replace"))
+        return "\n".join(parts)
+
+    @classmethod
+    def start(cls, repo: str | os.PathLike[str], mountpoint: str | os.PathLike[str], *args: str,
+              timeout: float = MOUNT_TIMEOUT) -> FuseMount:
+        reason = fuse_unavailable_reason()
+        if reason:
+            pytest.skip(reason)
+        repo, mp = os.path.abspath(os.fspath(repo)), os.path.abspath(os.fspath(mountpoint))
+        os.makedirs(mp, exist_ok=True)
+        output = mp.rstrip("/") + ".out"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        with open(output, "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "coralfs.fuse", repo, mp, "--foreground", *args],
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                    preexec_fn=_die_with_parent)
+        m = cls(repo, mp, proc, output, os.path.join(repo, ".coralfs", "mount.log"))
+        deadline = time.monotonic() + timeout
+        while not os.path.ismount(mp):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                m.stop()
+                pytest.fail(f"mount of {repo} on {mp} did not come up (exit {proc.returncode}):\n{m.log_text()}")
+            time.sleep(0.02)
+        return m
+
+    def stop(self) -> None:
+        """Unmount and stop the process; safe to call twice, never raises."""
+        if self.stopped:
+            return
+        self.stopped = True
+        for cmd in (["fusermount3", "-u", self.path], ["fusermount3", "-u", "-z", self.path]):
+            if not _mounted(self.path):
+                break
+            subprocess.run(cmd, capture_output=True, timeout=30)
+            if self.proc.poll() is None:
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        if _mounted(self.path):  # the process is gone: detach whatever is left
+            subprocess.run(["fusermount3", "-u", "-z", self.path], capture_output=True, timeout=30)
+
+
+Mounter = Callable[..., FuseMount]
+
+
+@pytest.fixture(scope="session")
+def fuse_mounter() -> Iterator[Mounter]:
+    """``fuse_mounter(repo, mountpoint, *extra_args) -> FuseMount``; usable from fixtures of any
+    scope. Call ``.stop()`` when done; whatever is still mounted at the end of the session is
+    unmounted here."""
+    mounts: list[FuseMount] = []
+
+    def make(repo: str | os.PathLike[str], mountpoint: str | os.PathLike[str], *args: str) -> FuseMount:
+        m = FuseMount.start(repo, mountpoint, *args)
+        mounts.append(m)
+        return m
+
+    yield make
+    for m in mounts:
+        m.stop()
+
+
+@pytest.fixture
+def fuse_mount(fuse_mounter: Mounter, tmp_path: Path) -> Iterator[Callable[..., FuseMount]]:
+    """``fuse_mount(repo, *extra_args) -> FuseMount`` on a fresh mount point; unmounted after the test."""
+    mounts: list[FuseMount] = []
+
+    def make(repo: str | os.PathLike[str], *args: str) -> FuseMount:
+        m = fuse_mounter(repo, tmp_path / f"mnt{len(mounts)}", *args)
+        mounts.append(m)
+        return m
+
+    yield make
+    for m in mounts:
+        m.stop()
+
+
+@pytest.fixture
+def make_repo(tmp_path: Path) -> Iterator[Callable[..., object]]:
+    """``make_repo(name="repo", **kw) -> Repository`` (empty, in tmp_path); closed after the test."""
+    from coralfs.repository import Repository
+
+    repos: list[Repository] = []
+
+    def make(name: str = "repo", **kw: object) -> Repository:
+        r = Repository.init(tmp_path / name, **kw)  # type: ignore[arg-type]
+        repos.append(r)
+        return r
+
+    yield make
+    for r in repos:
+        r.close()

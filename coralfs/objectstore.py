@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
+from concurrent.futures import Executor
 
 from coralfs import records
 from coralfs.errors import FormatError, IntegrityError, MissingObject
@@ -54,10 +55,22 @@ class ByteLRU:
             self.size = 0
 
 
+class _Flight:
+    __slots__ = ("done", "data", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+
+
 class ObjectStore:
     def __init__(self, store: Store, cache_bytes: int = 256 << 20) -> None:
         self.store = store
         self.chunk_cache = ByteLRU(cache_bytes)
+        self._flock = threading.Lock()
+        self._inflight: dict[bytes, _Flight] = {}
+        self._queued: set[bytes] = set()
         self._objects: OrderedDict[bytes, Object] = OrderedDict()
         self._olock = threading.Lock()
 
@@ -83,9 +96,53 @@ class ObjectStore:
             return records.parse_header(bytes(v[: records.HEADER_LEN + 2 * 32]))
 
     def get_chunk(self, cid: bytes, _depth: int = 0) -> bytes:
+        """A chunk's decoded, verified bytes. Concurrent callers asking for one chunk share
+        one decode (readers often ask for several ranges of one chunk at once)."""
         data = self.chunk_cache.get(cid)
         if data is not None:
             return data
+        with self._flock:
+            flight = self._inflight.get(cid)
+            leader = flight is None
+            if leader:
+                flight = self._inflight[cid] = _Flight()
+        assert flight is not None
+        if not leader:
+            flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            assert flight.data is not None
+            return flight.data
+        try:
+            flight.data = self._decode_chunk(cid, _depth)
+            return flight.data
+        except BaseException as e:
+            flight.error = e
+            raise
+        finally:
+            with self._flock:
+                del self._inflight[cid]
+            flight.done.set()
+
+    def prefetch(self, executor: Executor, cids: Iterable[bytes]) -> None:
+        """Decode these chunks into the cache in the background (skipping cached or queued ones)."""
+        for cid in cids:
+            with self._flock:
+                if cid in self._inflight or cid in self._queued or self.chunk_cache.get(cid) is not None:
+                    continue
+                self._queued.add(cid)
+            executor.submit(self._prefetch_one, cid)
+
+    def _prefetch_one(self, cid: bytes) -> None:
+        try:
+            self.get_chunk(cid)
+        except Exception:  # the reader that needs it gets (and reports) the error
+            pass
+        finally:
+            with self._flock:
+                self._queued.discard(cid)
+
+    def _decode_chunk(self, cid: bytes, _depth: int) -> bytes:
         if _depth > MAX_CHAIN:
             raise FormatError("delta chain too deep (a cycle?)")
         for attempt in (0, 1):

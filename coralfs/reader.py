@@ -4,9 +4,25 @@ from __future__ import annotations
 
 import bisect
 import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from coralfs.objects import Manifest, Piece
 from coralfs.objectstore import ObjectStore
+
+READAHEAD_BYTES = 8 << 20
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def prefetch_pool() -> ThreadPoolExecutor:
+    """A small process-wide pool that decodes chunks ahead of sequential readers
+    (decoding releases the GIL in zstd and numpy, so two threads use both cores)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(2, thread_name_prefix="coralfs-readahead")
+        return _pool
 
 
 class FileView:
@@ -36,8 +52,13 @@ class FileView:
         i = bisect.bisect_right(self._starts, offset) - 1
         parts: list[bytes | memoryview] = []
         pos = offset
+        multi = end > self._starts[i] + self._pieces[i].length
         while pos < end:
             p, start = self._pieces[i], self._starts[i]
+            if multi:  # a read spanning chunks: decode the next few in parallel with this one
+                nxt = [self._pieces[j].chunk for j in range(i + 1, min(i + 3, len(self._pieces)))
+                       if self._starts[j] < end and self._pieces[j].chunk is not None]
+                self.ostore.prefetch(prefetch_pool(), nxt)  # type: ignore[arg-type]
             data = self._piece_bytes(p)
             lo, hi = pos - start, min(p.length, end - start)
             parts.append(data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi])
@@ -51,15 +72,34 @@ class FileView:
     def chunks(self) -> list[tuple[int, Piece]]:
         return list(zip(self._starts, self._pieces, strict=True))
 
+    def chunks_in(self, offset: int, size: int) -> list[bytes]:
+        """Ids of the chunks holding bytes ``[offset, offset + size)``, in order."""
+        out: list[bytes] = []
+        end = min(self.size, offset + size)
+        i = max(0, bisect.bisect_right(self._starts, offset) - 1)
+        while i < len(self._pieces) and self._starts[i] < end:
+            c = self._pieces[i].chunk
+            if c is not None and (not out or out[-1] != c):
+                out.append(c)
+            i += 1
+        return out
+
+    def prefetch(self, offset: int, size: int = READAHEAD_BYTES) -> None:
+        """Start decoding the chunks of ``[offset, offset + size)`` in the background."""
+        if offset < self.size:
+            self.ostore.prefetch(prefetch_pool(), self.chunks_in(offset, size))
+
 
 class FileReader(io.RawIOBase):
     """A seekable, read-only binary file over a stored file."""
 
-    def __init__(self, view: FileView, name: str = "") -> None:
+    def __init__(self, view: FileView, name: str = "", readahead: bool = True) -> None:
         super().__init__()
         self._view = view
         self._pos = 0
         self.name = name
+        self._readahead = readahead
+        self._sequential = 0
 
     @property
     def size(self) -> int:
@@ -85,12 +125,18 @@ class FileReader(io.RawIOBase):
             raise ValueError(f"invalid whence {whence}")
         if pos < 0:
             raise ValueError("negative seek position")
+        if pos != self._pos:
+            self._sequential = 0
         self._pos = pos
         return pos
 
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
             size = max(0, self._view.size - self._pos)
+        if self._readahead:
+            self._sequential += 1
+            if self._sequential >= 2:  # a sequential reader: decode what it will ask for next
+                self._view.prefetch(self._pos + size)
         data = self._view.pread(self._pos, size)
         self._pos += len(data)
         return data

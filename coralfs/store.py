@@ -103,7 +103,7 @@ class Store:
             if shared is None:
                 env = lmdb.open(
                     self.path, map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES) + 2, readonly=readonly,
-                    max_readers=512, metasync=True, sync=True, lock=True, readahead=False, subdir=True,
+                    max_readers=512, metasync=True, sync=True, lock=True, readahead=True, subdir=True,
                 )
                 dbs = {name: env.open_db(name.encode(), create=not readonly) for name in DB_NAMES}
                 shared = _OPEN[self._key] = [env, dbs, 0]

@@ -146,9 +146,14 @@ class ObjectStore:
         if _depth > MAX_CHAIN:
             raise FormatError("delta chain too deep (a cycle?)")
         for attempt in (0, 1):
-            record = self.chunk_record(cid)
             try:
-                data = records.decode(record, lambda b: self.get_chunk(b, _depth + 1))
+                # decode straight from LMDB's map (no copy of the record); bases are fetched
+                # in their own short transactions
+                with self.store.read(buffers=True) as t:
+                    record = t.get("chunks", cid)
+                    if record is None:
+                        raise MissingObject(f"chunk {cid.hex()} is missing")
+                    data = records.decode(record, lambda b: self.get_chunk(b, _depth + 1))
                 break
             except MissingObject:
                 # gc may have re-encoded this chunk against another base and swept the old

@@ -140,7 +140,7 @@ def decode(value: bytes | memoryview, load_base: Callable[[bytes], bytes]) -> by
     else:
         bases = [load_base(b) for b in h.bases]
         try:
-            out = tensorcodec.decode(h.codec, bytes(payload), h.raw_len, h.width,
+            out = tensorcodec.decode(h.codec, payload, h.raw_len, h.width,  # type: ignore[arg-type]
                                      bases[0] if bases else None, bases[1] if len(bases) > 1 else None)
         except (ValueError, zstandard.ZstdError) as e:
             raise FormatError(f"{CODEC_NAMES[h.codec]}: {e}") from e

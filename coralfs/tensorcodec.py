@@ -218,8 +218,11 @@ def _forward(codec: int, flags: int, u: np.ndarray, b1, b2) -> np.ndarray:
 def _inverse_(codec: int, flags: int, x: np.ndarray, b1, b2) -> None:
     """Undo ``_forward`` in place on ``x``."""
     c1 = 0 if codec == PLANES else len(b1)
-    if c1 < len(x) and flags & ROT:
-        x[c1:] = _rotr1(x[c1:])
+    if c1 < len(x) and flags & ROT:  # rotate right by one, in place (one temporary)
+        rest = x[c1:]
+        low = rest << (rest.dtype.itemsize * 8 - 1)
+        rest >>= 1
+        rest |= low
     if codec == PLANES or c1 == 0:
         return
     head = x[:c1]

@@ -25,7 +25,6 @@ references them) and ``coralfs gc`` reclaims their space.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -64,18 +63,6 @@ class PrunePlan:
 
 def _hex(v: bytes | None) -> str | None:
     return v.hex() if v else None
-
-
-def _reachable(repo: Repository, starts: Iterable[bytes]) -> set[bytes]:
-    seen: set[bytes] = set()
-    stack = list(starts)
-    while stack:
-        c = stack.pop()
-        if c in seen:
-            continue
-        seen.add(c)
-        stack.extend(repo.get_commit(c).parents)
-    return seen
 
 
 def select(candidates: list[tuple[bytes, Commit]], keep_last: int | None, keep_best: int | None,
@@ -118,7 +105,7 @@ def plan_prune(repo: Repository, branch: str, keep_last: int | None = None, keep
     if branch not in branches:
         raise UnknownRevision(f"no such branch: {branch}")
     head = branches[branch]
-    others = _reachable(repo, [c for b, c in branches.items() if b != branch])
+    others = repo.ancestors([c for b, c in branches.items() if b != branch])
     chain: list[tuple[bytes, Commit]] = []  # newest first
     fork: bytes | None = None
     cur: bytes | None = head

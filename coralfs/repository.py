@@ -274,12 +274,18 @@ class Repository:
         self.store.write(fn)
         return cid
 
-    def delete_branch(self, name: str) -> None:
+    def delete_branch(self, name: str, expected: bytes | bool = False) -> None:
+        """Delete a branch; ``expected`` (a commit id) makes it a compare-and-swap
+        (ConcurrentUpdate if the branch moved)."""
         key = refs.branch_key(name)
 
         def fn(t: Txn) -> None:
-            if t.get("refs", key) is None:
+            cur = t.get("refs", key)
+            if cur is None:
                 raise UnknownRevision(f"no such branch: {name}")
+            if expected is not False and cur != expected:
+                raise ConcurrentUpdate(f"branch {name!r} moved: expected {bytes(expected).hex()[:12]}, "
+                                       f"found {cur.hex()[:12]}")
             if self._head_ref(t)[0] == name:
                 raise InvalidArgument(f"cannot delete the checked-out branch {name!r}")
             t.delete("refs", key)
@@ -629,20 +635,23 @@ class Repository:
     def commit_changes(self, branch: str, changes: Changes, message: str,
                        metrics: Mapping[str, float] | None = None, meta: Mapping[str, str] | None = None,
                        author: str | None = None, expected_head: bytes | None | bool = False,
-                       allow_empty: bool = False, parents_extra: tuple[bytes, ...] = ()) -> bytes:
+                       allow_empty: bool = False, parents_extra: tuple[bytes, ...] = (),
+                       txn_hook: Callable[[Txn, bytes], None] | None = None) -> bytes:
         """Commit ``changes`` (path -> entry, None deletes) on top of ``branch``'s head, bypassing the stage.
 
         ``expected_head``: False applies on top of whatever the head is now; a commit id
         (or None for an unborn branch) makes the commit fail with ConcurrentUpdate if the
-        branch moved."""
+        branch moved. ``txn_hook(txn, commit_id)`` runs inside the commit's write
+        transaction (e.g. the mount deletes the pending entries the commit consumed)."""
         refs.check_ref_name(branch)
         return self._commit(branch, changes, message, metrics, meta, author, allow_empty,
-                            expected_head=expected_head, parents_extra=parents_extra)
+                            expected_head=expected_head, parents_extra=parents_extra, txn_hook=txn_hook)
 
     def _commit(self, branch: str | None, changes: Changes, message: str,
                 metrics: Mapping[str, float] | None, meta: Mapping[str, str] | None, author: str | None,
                 allow_empty: bool, consumed: dict[bytes, bytes] | None = None,
-                expected_head: bytes | None | bool = False, parents_extra: tuple[bytes, ...] = ()) -> bytes:
+                expected_head: bytes | None | bool = False, parents_extra: tuple[bytes, ...] = (),
+                txn_hook: Callable[[Txn, bytes], None] | None = None) -> bytes:
         for p in changes:
             check_path(p)
         author = author or default_author()
@@ -678,6 +687,8 @@ class Repository:
             for k, v in (consumed or {}).items():  # only what we read: a concurrent `add` stays staged
                 if t.get("stage", k) == v:
                     t.delete("stage", k)
+            if txn_hook is not None:
+                txn_hook(t, cid)
             return cid
 
         return self.store.write(fn)
@@ -813,6 +824,10 @@ class Repository:
         starts += [self.objects.get_object(x).commit for x in tag_ids]  # type: ignore[union-attr]
         if head:
             starts.append(head)
+        return self.ancestors(starts)
+
+    def ancestors(self, starts: Iterable[bytes]) -> set[bytes]:
+        """Every commit reachable from ``starts`` through parents (the starts included)."""
         seen: set[bytes] = set()
         stack = list(starts)
         while stack:

@@ -101,7 +101,7 @@ def run(variant: str, steps: int, every: int, hidden: int, workdir: str) -> dict
         save_time += time.perf_counter() - s0
     wall = time.perf_counter() - t0
     return {"variant": variant, "wall": wall, "saves": saves, "in_loop": save_time,
-            "disk": dir_bytes(out), "final_loss": float(loss)}
+            "disk": dir_bytes(out), "final_loss": float(loss.detach())}
 
 
 def main() -> None:

@@ -106,39 +106,66 @@ class Store:
                     max_readers=512, metasync=True, sync=True, lock=True, readahead=True, subdir=True,
                 )
                 dbs = {name: env.open_db(name.encode(), create=not readonly) for name in DB_NAMES}
-                shared = _OPEN[self._key] = [env, dbs, 0]
+                # [env, dbs, refcount, transactions in flight, condition guarding them]
+                shared = _OPEN[self._key] = [env, dbs, 0, 0, threading.Condition()]
             shared[2] += 1
+        self._shared = shared
         self.env: lmdb.Environment = shared[0]
         self.dbs: dict[str, lmdb._Database] = shared[1]
 
     def close(self) -> None:
+        """Release this handle; the last one closes the environment once no transaction is in
+        flight (a read-ahead thread may still be decoding straight from the map)."""
         with _OPEN_LOCK:
             if self._closed:
                 return
             self._closed = True
             shared = _OPEN.get(self._key)
-            if shared is not None:
-                shared[2] -= 1
-                if shared[2] == 0:
-                    del _OPEN[self._key]
-                    self.env.close()
+            if shared is None or shared is not self._shared:
+                return
+            shared[2] -= 1
+            if shared[2] > 0:
+                return
+            del _OPEN[self._key]
+        cond = shared[4]
+        with cond:
+            shared[2] = -1  # closed: no new transactions
+            while shared[3] > 0:
+                cond.wait()
+        self.env.close()
+
+    @contextlib.contextmanager
+    def _txn_slot(self) -> Iterator[None]:
+        shared, cond = self._shared, self._shared[4]
+        with cond:
+            if self._closed or shared[2] < 0:
+                raise CoralError(f"the store at {self.path} is closed")
+            shared[3] += 1
+        try:
+            yield
+        finally:
+            with cond:
+                shared[3] -= 1
+                if shared[3] == 0:
+                    cond.notify_all()
 
     @contextlib.contextmanager
     def read(self, buffers: bool = False) -> Iterator[Txn]:
         """A short read transaction. With ``buffers``, values are zero-copy views valid only inside it."""
-        with self.env.begin(buffers=buffers) as txn:
+        with self._txn_slot(), self.env.begin(buffers=buffers) as txn:
             yield Txn(txn, self.dbs, False)
 
     def write(self, fn: Callable[[Txn], T]) -> T:
         """Run ``fn`` in one write transaction, committed atomically; grows the map when full."""
-        for _ in range(8):
-            try:
-                with self.env.begin(write=True) as txn:
-                    return fn(Txn(txn, self.dbs, True))
-            except lmdb.MapFullError:
-                self._grow()
-            except lmdb.MapResizedError:
-                self.env.set_mapsize(0)  # adopt the size another process chose
+        with self._txn_slot():
+            for _ in range(8):
+                try:
+                    with self.env.begin(write=True) as txn:
+                        return fn(Txn(txn, self.dbs, True))
+                except lmdb.MapFullError:
+                    self._grow()
+                except lmdb.MapResizedError:
+                    self.env.set_mapsize(0)  # adopt the size another process chose
         raise CoralError("the store could not grow its map")
 
     def _grow(self) -> None:

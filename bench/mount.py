@@ -1,6 +1,6 @@
-"""Issue 4 speed: reading real checkpoints through the coralfs mount vs from local disk.
+"""Issues 4 and 5 speed: reading and writing real checkpoints through the coralfs mount vs local disk.
 
-Side by side, in one run:
+Reading (issue 4), side by side, in one run:
 
 1. ``cat`` of a 100+ MB training checkpoint to /dev/null: first read (page cache dropped,
    fresh mount) and re-read (page cache warm).
@@ -19,9 +19,23 @@ None of those is over 100 MB, so the 100+ MB checkpoint is made here: a byte-lev
 transformer trained for a few AdamW steps on Python's standard library source, saved
 with its optimizer state. Everything is cached under ``bench/.cache/mount-bench``.
 
+Writing (issue 5): writing is committing through the mount, against saving to local disk
+(the repository's work tree, same filesystem) followed by ``repo.add`` + ``repo.commit``:
+
+5. ``torch.save`` of the 100+ MB training checkpoint (model + AdamW state) as a new file.
+6. ``torch.save`` of the next training step over it (stored as deltas against it).
+7. ``cp`` of the checkpoint file into the branch directory.
+
+Through the mount the time runs until the commit exists: the save (which returns once the
+file is ingested and durable) plus ``fsync`` of the branch directory (which commits at
+once instead of after the 1.5 s quiet period). Each run uses fresh repositories (and a
+fresh mount); both sides first save and commit a warm-up checkpoint of the same size
+(other bytes and tensor names), as a training job's process and mount are warm by its
+second checkpoint (a cold process pays ~20% more for its first ingest: fresh memory).
+
 Usage::
 
-    python bench/mount.py [--reps 3] [--readahead-kb 8192] [--json results.json]
+    python bench/mount.py [--reps 3] [--readahead-kb 8192] [--only read|write] [--json results.json]
 """
 
 from __future__ import annotations
@@ -31,6 +45,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -51,6 +66,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from coralfs.fuse import READAHEAD_KB, mount, umount  # noqa: E402
+from coralfs.mountwrite import live_sessions  # noqa: E402
 from coralfs.repository import Repository  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache" / "mount-bench"
@@ -59,6 +75,7 @@ TARGETS = {  # the issue's targets: mount vs local
     "torch_load": ("torch.load first read <= 2x local", lambda r: r <= 2.0),
     "one_tensor": ("one tensor <= 2x local", lambda r: r <= 2.0),
     "series": ("newest vs oldest within 1.5x", lambda r: r <= 1.5),
+    "write": ("mount <= 1.3x local save + commit", lambda r: r <= 1.3),
 }
 
 
@@ -375,6 +392,169 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+# ------------------------------------------------------------------ writing (issue 5)
+def next_step(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """One more AdamW step from a ``make_big_checkpoint`` checkpoint: the next one a training
+    loop would save (most tensors change a little: the delta case)."""
+    model = ByteLM()
+    model.load_state_dict(ckpt["model"])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    opt.load_state_dict(ckpt["optimizer"])
+    data = torch.frombuffer(bytearray(_stdlib_bytes(1 << 20)), dtype=torch.uint8).long()
+    g = torch.Generator().manual_seed(ckpt["step"])
+    starts = torch.randint(0, len(data) - 129, (8,), generator=g)
+    batch = torch.stack([data[s:s + 129] for s in starts])
+    loss = nn.functional.cross_entropy(model(batch[:, :-1]).reshape(-1, 256), batch[:, 1:].reshape(-1))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": ckpt["step"] + 1}
+
+
+def _fresh_repo(path: Path, files: dict[str, Callable[[Path], object]] | None = None) -> Repository:
+    """A new repository whose main has one commit (a small file, plus ``files`` written by callables)."""
+    if path.exists():
+        deadline = time.monotonic() + 30
+        while live_sessions(str(path)) and time.monotonic() < deadline:  # the last mount's daemon is exiting
+            time.sleep(0.02)
+        shutil.rmtree(path)
+    r = Repository.init(path)
+    (path / "README.txt").write_text("benchmark\n")
+    for name, make in (files or {}).items():
+        make(path / name)
+    r.add([str(path / "README.txt"), *(str(path / n) for n in files or {})])
+    r.commit("setup")
+    return r
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_write(args: argparse.Namespace, big: Path) -> dict[str, Any]:
+    reps = args.reps
+    log("writing: loading the checkpoint and training one more step")
+    ckpt0 = torch.load(big, weights_only=True)
+    ckpt1 = next_step(ckpt0)
+    work = Path(tempfile.mkdtemp(prefix="write-", dir=CACHE))
+    mp = tempfile.mkdtemp(prefix="coral-bench-w-")
+    cases: dict[str, Callable[[Path], object]] = {  # name -> write the file at a path
+        "save_first": lambda p: torch.save(ckpt0, p),
+        "save_next": lambda p: torch.save(ckpt1, p),
+        "cp": lambda p: subprocess.run(["cp", str(big), str(p)], check=True),
+    }
+    # a checkpoint of the same size and kind with other bytes and tensor names (so it is no delta base)
+    warm = {f"warmup.{k}": v + 1 for k, v in ckpt1["model"].items()}
+    warm.update({f"warmup.opt.{i}.{k}": v + 1 for i, st in ckpt1["optimizer"]["state"].items()
+                 for k, v in st.items() if isinstance(v, torch.Tensor) and v.numel() > 1})
+
+    def warm_up(d: Path) -> None:
+        """A save + commit before the timed one: a training job's mount (and process) is warm."""
+        torch.save(warm, d / "warmup.pt")
+
+    setup: dict[str, dict[str, Callable[[Path], object]]] = {  # what the repository holds before
+        "save_first": {}, "save_next": {"train.pt": cases["save_first"]}, "cp": {}}
+    target = {"save_first": "train.pt", "save_next": "train.pt", "cp": "ckpt.pt"}
+    res: dict[str, Any] = {"bytes": big.stat().st_size, "cases": {}}
+    try:
+        for name, write in cases.items():
+            log(f"write case {name}")
+            local, local_save, mount_total, mount_save, mount_ingest = [], [], [], [], []
+            stats: dict[str, int] = {}
+            for i in range(reps):
+                for side in (("local", "mount") if i % 2 == 0 else ("mount", "local")):  # alternate the order
+                    if side == "local":  # local disk: save into the work tree, then add + commit (API)
+                        r = _fresh_repo(work / "local", setup[name])
+                        dest = work / "local" / target[name]
+                        warm_up(work / "local")
+                        r.add([str(work / "local/warmup.pt")])
+                        r.commit("warm-up")
+                        os.sync()
+                        t0 = time.perf_counter()
+                        write(dest)
+                        t1 = time.perf_counter()
+                        st = r.add([str(dest)])
+                        r.commit("local")
+                        local.append(time.perf_counter() - t0)
+                        local_save.append(t1 - t0)
+                        stats = {"stored": st.stored, "new_chunks": st.new_chunks, "delta_chunks": st.delta_chunks,
+                                 "dedup_chunks": st.dedup_chunks}
+                        r.close()
+                        continue
+                    # through the mount: the save returns once stored; fsync of the directory commits
+                    r = _fresh_repo(work / "mounted", setup[name])
+                    head = r.branch_head("main")
+                    r.close()
+                    mount(str(work / "mounted"), mp, readahead_kb=args.readahead_kb)
+                    try:
+                        warm_up(Path(mp) / "main")
+                        _fsync_dir(f"{mp}/main")
+                        with Repository(work / "mounted") as r:
+                            head = r.branch_head("main")
+                        time.sleep(0.3)  # (the mount deletes the warm-up's staged copy in the background)
+                        os.sync()
+                        t0 = time.perf_counter()
+                        write(Path(mp) / "main" / target[name])
+                        t1 = time.perf_counter()
+                        _fsync_dir(f"{mp}/main")
+                        t2 = time.perf_counter()
+                    finally:
+                        umount(mp)
+                    with Repository(work / "mounted") as r:
+                        c = r.branch_head("main")
+                        assert c != head and r.get_commit(c).parents == (head,), "the mount did not commit"
+                    stored = re.findall(r"stored main/\S+: \d+ bytes in ([\d.]+) s",
+                                        (work / "mounted/.coralfs/mount.log").read_text())
+                    mount_ingest.append(float(stored[-1]) if stored else float("nan"))
+                    mount_save.append(t1 - t0)
+                    mount_total.append(t2 - t0)
+            res["cases"][name] = {"local": statistics.median(local), "mount": statistics.median(mount_total),
+                                  "mount_save": statistics.median(mount_save), "ingest": stats,
+                                  "local_save": statistics.median(local_save),
+                                  "mount_ingest": statistics.median(mount_ingest),
+                                  "runs": {"local": local, "mount": mount_total, "local_save": local_save,
+                                           "mount_save": mount_save, "mount_ingest": mount_ingest}}
+    finally:
+        with contextlib.suppress(Exception):
+            umount(mp)
+        with contextlib.suppress(OSError):
+            os.rmdir(mp)
+        shutil.rmtree(work, ignore_errors=True)
+    return res
+
+
+def write_table(res: dict[str, Any]) -> str:
+    ms = lambda t: f"{t * 1e3:,.0f} ms"  # noqa: E731
+    size = res["bytes"]
+    labels = {"save_first": f"torch.save {size / 1e6:.0f} MB training ckpt (new file)",
+              "save_next": "torch.save of the next step over it (deltas)",
+              "cp": f"cp of the {size / 1e6:.0f} MB ckpt file"}
+    rows = [("case", "local save + add + commit", "mount: save returns", "mount: committed", "mount vs local",
+             "target", "")]
+    for name, c in res["cases"].items():
+        r = c["mount"] / c["local"]
+        rows.append((labels[name], ms(c["local"]), ms(c["mount_save"]), ms(c["mount"]), f"{r:.2f}x",
+                     TARGETS["write"][0], "PASS" if TARGETS["write"][1](r) else "FAIL"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    st = {k: c["ingest"] for k, c in res["cases"].items()}
+    lines += ["", "where the time goes (medians): " + "; ".join(
+        f"{k}: local save {ms(c['local_save'])} + add/commit {ms(c['local'] - c['local_save'])}, mount transfer "
+        f"{ms(c['mount_save'] - c['mount_ingest'])} + ingest at close {ms(c['mount_ingest'])} + commit "
+        f"{ms(c['mount'] - c['mount_save'])}" for k, c in res["cases"].items())]
+    lines += ["", f"medians of {res['reps']} runs (local and mount alternating), fresh repositories each; "
+              "'mount: committed' = the save plus "
+              "fsync of the branch directory (without it the commit follows after the 1.5 s quiet period)",
+              "stored by one ingest: " + "; ".join(f"{k} {v['stored'] / 1e6:,.1f} MB ({v['delta_chunks']} delta "
+                                                     f"chunks)" for k, v in st.items())]
+    return "\n".join(lines)
+
+
 def mbps(n: int, t: float) -> str:
     return f"{n / t / 1e6:,.0f} MB/s"
 
@@ -431,16 +611,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--readahead-kb", type=int, default=READAHEAD_KB, help="kernel readahead for the mount")
     p.add_argument("--json", metavar="PATH", help="also write the raw results here")
     p.add_argument("--prepare", action="store_true", help="only build the data and the repository")
+    p.add_argument("--only", choices=("read", "write"), help="only the read (issue 4) or write (issue 5) cases")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     if args.prepare:
         series, ft = corpus_files()
         build_repo(series, ft, make_big_checkpoint(CACHE / "big_train.pt"))
         return 0
-    res = run(args)
-    print(table(res))
+    out: dict[str, Any] = {}
+    if args.only != "write":
+        out["read"] = run(args)
+        print(table(out["read"]))
+    if args.only != "read":
+        out["write"] = run_write(args, make_big_checkpoint(CACHE / "big_train.pt"))
+        out["write"]["reps"] = args.reps
+        print(("\n" if "read" in out else "") + write_table(out["write"]))
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+        Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Roots (what is never swept)
     every ref (branches, tags -> tag object -> commit, a detached HEAD), every stage entry,
-    and pending mount data (``index`` keys ``b"pend\\x00..."`` whose JSON value names a
+    and pending mount data (``index`` keys ``b"pend\\x00..."`` and, refused by a concurrent
+    commit but kept for recovery, ``b"pend-conflict\\x00..."``, whose JSON value names a
     manifest as hex ``"m"``). From a root: commit -> tree + parents, tree -> manifests,
     manifest -> chunks, tag -> commit.
 
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
     from coralfs.repository import Repository
 
 PEND_PREFIX = b"pend\x00"
+CONFLICT_PREFIX = b"pend-conflict\x00"  # mount changes refused by a concurrent commit, kept
 COMMIT_INDEX = b"c\x00"
 TENSOR_INDEX = b"tb\x00"
 STAT_INDEX = b"st\x00"
@@ -164,7 +166,7 @@ class Marker:
                 continue
             if len(v) == ID_LEN:
                 ids.append(v)
-        for db, prefix in (("stage", b""), ("index", PEND_PREFIX)):
+        for db, prefix in (("stage", b""), ("index", PEND_PREFIX), ("index", CONFLICT_PREFIX)):
             for k, v in t.items(db, prefix):
                 h.update(len(k).to_bytes(4, "little") + k + len(v).to_bytes(4, "little") + v)
                 try:

@@ -3,7 +3,8 @@
 * ``make_repo``: a factory for empty repositories in a temporary directory (closed at the end).
 * ``fuse_mounter`` (session) / ``fuse_mount`` (per test): mount a repository with a real
   FUSE filesystem in a subprocess (``python -m coralfs.fuse REPO MOUNTPOINT --foreground``),
-  so a crash in the filesystem cannot take the test process down. Every mount is always
+  so a crash in the filesystem cannot take the test process down (``FuseMount.kill()``
+  simulates one: SIGKILL, then the dead mount is detached). Every mount is always
   unmounted (and its process stopped) by a finalizer, also when the test fails. Tests that
   need FUSE are skipped, with the reason, only where /dev/fuse or fusermount3 is missing.
 """
@@ -78,14 +79,15 @@ class FuseMount:
 
     @classmethod
     def start(cls, repo: str | os.PathLike[str], mountpoint: str | os.PathLike[str], *args: str,
-              timeout: float = MOUNT_TIMEOUT) -> FuseMount:
+              timeout: float = MOUNT_TIMEOUT, env: dict[str, str] | None = None) -> FuseMount:
         reason = fuse_unavailable_reason()
         if reason:
             pytest.skip(reason)
         repo, mp = os.path.abspath(os.fspath(repo)), os.path.abspath(os.fspath(mountpoint))
         os.makedirs(mp, exist_ok=True)
         output = mp.rstrip("/") + ".out"
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        env = dict(os.environ, **(env or {}),
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         with open(output, "ab") as out:
             proc = subprocess.Popen([sys.executable, "-m", "coralfs.fuse", repo, mp, "--foreground", *args],
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -98,6 +100,15 @@ class FuseMount:
                 pytest.fail(f"mount of {repo} on {mp} did not come up (exit {proc.returncode}):\n{m.log_text()}")
             time.sleep(0.02)
         return m
+
+    def kill(self) -> None:
+        """SIGKILL the filesystem process (a crash), then detach the dead mount."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.stopped = True
+        if _mounted(self.path):
+            subprocess.run(["fusermount3", "-u", "-z", self.path], capture_output=True, timeout=30)
 
     def stop(self) -> None:
         """Unmount and stop the process; safe to call twice, never raises."""
@@ -134,8 +145,9 @@ def fuse_mounter() -> Iterator[Mounter]:
     unmounted here."""
     mounts: list[FuseMount] = []
 
-    def make(repo: str | os.PathLike[str], mountpoint: str | os.PathLike[str], *args: str) -> FuseMount:
-        m = FuseMount.start(repo, mountpoint, *args)
+    def make(repo: str | os.PathLike[str], mountpoint: str | os.PathLike[str], *args: str,
+             env: dict[str, str] | None = None) -> FuseMount:
+        m = FuseMount.start(repo, mountpoint, *args, env=env)
         mounts.append(m)
         return m
 
@@ -146,11 +158,12 @@ def fuse_mounter() -> Iterator[Mounter]:
 
 @pytest.fixture
 def fuse_mount(fuse_mounter: Mounter, tmp_path: Path) -> Iterator[Callable[..., FuseMount]]:
-    """``fuse_mount(repo, *extra_args) -> FuseMount`` on a fresh mount point; unmounted after the test."""
+    """``fuse_mount(repo, *extra_args, env=None) -> FuseMount`` on a fresh mount point (``env``: extra
+    environment variables of the filesystem process); unmounted after the test."""
     mounts: list[FuseMount] = []
 
-    def make(repo: str | os.PathLike[str], *args: str) -> FuseMount:
-        m = fuse_mounter(repo, tmp_path / f"mnt{len(mounts)}", *args)
+    def make(repo: str | os.PathLike[str], *args: str, env: dict[str, str] | None = None) -> FuseMount:
+        m = fuse_mounter(repo, tmp_path / f"mnt{len(mounts)}", *args, env=env)
         mounts.append(m)
         return m
 

@@ -13,7 +13,7 @@ LAYERS: list[set[str]] = [
     {"store"},
     {"objects", "refs", "formats", "objectstore", "ingest", "reader"},
     {"repository"},
-    {"diff", "merge", "export", "gc", "fsck", "prune", "torch", "mountview"},
+    {"diff", "merge", "export", "gc", "fsck", "prune", "torch", "mountview", "mountwrite"},
     {"cli", "fuse", "__main__"},
 ]
 

@@ -130,7 +130,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 @pytest.fixture(scope="module")
 def mnt(world: World, fuse_mounter, tmp_path_factory: pytest.TempPathFactory):
-    m = fuse_mounter(world.repo.root, tmp_path_factory.mktemp("mnt") / "coral")
+    m = fuse_mounter(world.repo.root, tmp_path_factory.mktemp("mnt") / "coral", "--read-only")  # writes: test_mount_write
     yield m
     m.stop()
 

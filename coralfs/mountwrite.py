@@ -1,0 +1,1076 @@
+"""Writes through the mount: a branch directory is writable, and writing is committing.
+
+What happens to a file written into ``MOUNT/BRANCH/...``
+--------------------------------------------------------
+1. **Staging.** Its bytes go to a file on local disk inside the repository,
+   ``REPO/.coralfs/staging/mount-<pid>-<ms>/<n>.data`` (never held whole in memory), with a
+   small ``<n>.json`` beside it naming the branch and path. Opening an existing file for
+   writing without ``O_TRUNC`` copies its current content into the staged file (streamed,
+   and only once something is written or truncated); reads of a file being written are
+   served from the staged file.
+2. **Ingest at close.** ``close()`` (FUSE ``flush``) or ``fsync`` of a written file stores
+   it with ``Repository.ingest_file`` -- the code path of ``coralfs add`` -- with the
+   branch's previous version of that path as the delta base, and records a **pending
+   entry** in LMDB: ``index`` key ``b"pend\\0" + branch + b"\\0" + path``, JSON ``{"m":
+   manifest hex, "size", "mode", "base": head it was based on, "time"}``; a deletion is a
+   tombstone ``{"del": true, "base", "time"}``. Ingest and record happen inside
+   ``repo.writing()`` (gc cannot sweep the new chunks in between). When ``close``/``fsync``
+   returns 0 the file is durable; an ingest failure is that call's error (EIO, ENOSPC),
+   the staged data is kept (a later close, ``fsync`` of the directory or the next mount
+   retries it) and the mount stays writable. The staged file is removed once the last
+   handle is released.
+3. **One commit per burst.** A branch with pending entries is committed after
+   ``commit_delay`` seconds (1.5 s) without writes and without open-for-write handles on
+   that branch (a handle kept open for longer than ``max_hold`` seconds no longer holds
+   the commit back), so a multi-file save (``save_pretrained``, ``cp -r``) becomes one
+   commit. ``fsync`` of the branch directory commits at once, and so does
+   ``coralfs flush-mount``. The message says what changed: ``mount: update model.pt, add
+   config.json, remove old.pt``.
+4. **Concurrency.** The head moves by compare-and-swap. If someone else committed to
+   the branch since a pending entry's base, the mount's changes are applied on top when
+   none of the pending paths changed between their base and the new head; otherwise the
+   whole burst is refused (an error in ``mount.log``; ``fsync`` of the directory returns
+   EAGAIN) and its entries are moved, intact, to ``b"pend-conflict\\0" + branch + b"\\0" +
+   id + b"\\0" + path`` (gc keeps them; ``coralfs flush-mount --conflicts`` lists them and
+   ``--recover ID --to-branch NAME`` commits them on a new branch).
+5. **Crash safety.** Pending entries are durable, so a crash before the commit loses
+   nothing: the next mount commits them at start-up (so does ``coralfs flush-mount`` when
+   no mount is running). Staged data of a dead mount session (its lock file is free) is
+   removed at the next start and logged (``discarded incomplete write of BRANCH/PATH (N
+   bytes)``); a file whose close had returned an error is ingested instead. Chunks written
+   by an ingest that was cut short are unreferenced garbage for gc.
+
+Directories exist in trees only as prefixes of file paths: an empty directory (``mkdir``,
+or one whose files were all removed) lives only in this mount session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import itertools
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from coralfs import refs
+from coralfs.errors import (
+    ConcurrentUpdate,
+    CoralError,
+    InvalidArgument,
+    NothingToCommit,
+    RefExists,
+)
+from coralfs.gc import CONFLICT_PREFIX, PEND_PREFIX
+from coralfs.objects import MODE_EXEC, MODE_FILE, TreeEntry
+
+if TYPE_CHECKING:
+    from coralfs.reader import FileView
+    from coralfs.repository import Repository
+    from coralfs.store import Txn
+
+log = logging.getLogger("coralfs.mount")
+
+STAGING_DIR = "staging"
+SESSION_PREFIX = "mount-"
+DEFAULT_COMMIT_DELAY = 1.5  # seconds of quiet before a branch's pending changes are committed
+MAX_HOLD = 60.0  # an open-for-write handle holds a branch's commit back at most this long
+COPY_BLOCK = 8 << 20
+RETRY_SECONDS = 5.0  # after a failed commit (not a conflict)
+MESSAGE_ITEMS = 6  # paths named in a commit message's first line
+#: Test hook: ``CORALFS_MOUNT_KILL_AT=ingest`` (SIGKILL halfway through an ingest at close)
+#: or ``ingest-done`` (after the ingest, before the pending entry is recorded).
+KILL_ENV = "CORALFS_MOUNT_KILL_AT"
+#: Test hook: ``CORALFS_MOUNT_FAIL_INGEST=TEXT:N``: the first N ingests of a path containing
+#: TEXT fail with ENOSPC.
+FAIL_ENV = "CORALFS_MOUNT_FAIL_INGEST"
+_fail_counts: dict[str, int] = {}
+
+
+# ------------------------------------------------------------------ errors (with their errno)
+class DirectoryNotEmpty(CoralError):
+    """directory not empty"""
+
+    exit_code = 2
+    errno = errno.ENOTEMPTY
+
+
+class FileExists(CoralError):
+    """file exists"""
+
+    exit_code = 2
+    errno = errno.EEXIST
+
+
+class CrossDevice(CoralError):
+    """cannot move between branches (copy instead)"""
+
+    exit_code = 2
+    errno = errno.EXDEV
+
+
+class NotPermitted(CoralError):
+    """operation not permitted"""
+
+    exit_code = 2
+    errno = errno.EPERM
+
+
+class Busy(CoralError):
+    """resource busy"""
+
+    exit_code = 2
+    errno = errno.EBUSY
+
+
+class IngestFailed(CoralError):
+    """the written file could not be stored"""
+
+    exit_code = 1
+    errno = errno.EIO
+
+
+# ------------------------------------------------------------------ pending entries
+def branch_prefix(branch: str, prefix: bytes = PEND_PREFIX) -> bytes:
+    return prefix + branch.encode() + b"\x00"
+
+
+def pend_key(branch: str, path: str) -> bytes:
+    return branch_prefix(branch) + path.encode()
+
+
+def split_pend_key(key: bytes) -> tuple[str, str]:
+    branch, _, path = key[len(PEND_PREFIX):].partition(b"\x00")
+    return branch.decode(), path.decode()
+
+
+@dataclass(frozen=True)
+class PendItem:
+    """A closed, ingested file (or a deletion: ``entry is None``) not committed yet."""
+
+    entry: TreeEntry | None
+    base: bytes | None  # the branch head the change was based on
+    time: float
+
+    def encode(self) -> bytes:
+        d: dict[str, Any] = {"base": self.base.hex() if self.base else None, "time": self.time}
+        if self.entry is None:
+            d["del"] = True
+        else:
+            d.update(m=self.entry.manifest.hex(), size=self.entry.size, mode=self.entry.mode)
+        return json.dumps(d, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> PendItem:
+        d = json.loads(raw)
+        entry = None if d.get("del") else TreeEntry(bytes.fromhex(d["m"]), int(d["size"]), int(d["mode"]))
+        base = bytes.fromhex(d["base"]) if d.get("base") else None
+        return cls(entry, base, float(d.get("time", 0.0)))
+
+
+# ------------------------------------------------------------------ commit of pending entries
+@dataclass
+class Outcome:
+    """What ``commit_pending`` did."""
+
+    commit: bytes | None = None  # the new commit, if any
+    parent: bytes | None = None  # the head it was made on
+    message: str = ""
+    paths: list[str] = field(default_factory=list)  # pending paths consumed
+    conflicts: list[str] = field(default_factory=list)  # paths that changed underneath (refused)
+    conflict_id: str | None = None
+    reason: str = ""
+
+
+def describe(changes: Mapping[str, TreeEntry | None], old: Mapping[str, TreeEntry]) -> str:
+    """``mount: update model.pt, add config.json, remove old.pt`` (+ the full list when long)."""
+    items = [f"update {p}" for p in sorted(changes) if changes[p] is not None and p in old]
+    items += [f"add {p}" for p in sorted(changes) if changes[p] is not None and p not in old]
+    items += [f"remove {p}" for p in sorted(changes) if changes[p] is None]
+    if len(items) <= MESSAGE_ITEMS:
+        return "mount: " + ", ".join(items)
+    counts = {verb: sum(1 for i in items if i.startswith(verb + " ")) for verb in ("update", "add", "remove")}
+    summary = ", ".join(f"{verb} {n}" for verb, n in counts.items() if n)
+    return (f"mount: {', '.join(items[:MESSAGE_ITEMS])} and {len(items) - MESSAGE_ITEMS} more "
+            f"({summary} files)\n\n" + "\n".join(items))
+
+
+def _tree(repo: Repository, cid: bytes | None, cache: dict[bytes | None, dict[str, TreeEntry]]
+          ) -> dict[str, TreeEntry]:
+    if cid not in cache:
+        cache[cid] = dict(repo.tree(cid).entries) if cid else {}
+    return cache[cid]
+
+
+def commit_pending(repo: Repository, branch: str, author: str | None = None) -> Outcome:
+    """Commit ``branch``'s pending mount entries as one commit (compare-and-swap on the head).
+
+    A pending path that changed on the branch between the entry's base and the current
+    head is a conflict: the whole burst is refused and moved under ``pend-conflict``
+    (logged). Entries that change nothing are consumed without a commit."""
+    prefix = branch_prefix(branch)
+    for _attempt in range(20):
+        with repo.store.read() as t:
+            raw = dict(t.items("index", prefix))
+            head = t.get("refs", refs.branch_key(branch))
+        if not raw:
+            return Outcome(parent=head)
+        items = {k[len(prefix):].decode(): PendItem.decode(v) for k, v in raw.items()}
+        paths = sorted(items)
+        if head is None:
+            return _refuse(repo, branch, raw, head, paths, "the branch was deleted")
+        trees: dict[bytes | None, dict[str, TreeEntry]] = {}
+        cur = _tree(repo, head, trees)
+        conflicts = []
+        for p, it in items.items():
+            if it.base == head:
+                continue
+            try:
+                before = _tree(repo, it.base, trees)
+            except CoralError:  # the base is gone (pruned): nothing proves the path is unchanged
+                conflicts.append(p)
+                continue
+            if before.get(p) != cur.get(p):
+                conflicts.append(p)
+        if conflicts:
+            return _refuse(repo, branch, raw, head, sorted(conflicts),
+                           f"changed on {branch} since the mount's version was based on it")
+        changes = {p: it.entry for p, it in items.items()
+                   if cur.get(p) != it.entry and not (it.entry is None and p not in cur)}
+
+        def consume(t: Txn, _cid: bytes | None = None, raw: dict[bytes, bytes] = raw) -> None:
+            for k, v in raw.items():  # only what was read: a newer entry for a path stays pending
+                if t.get("index", k) == v:
+                    t.delete("index", k)
+
+        if not changes:
+            repo.store.write(consume)
+            return Outcome(parent=head, paths=paths)
+        message = describe(changes, cur)
+        try:
+            cid = repo.commit_changes(branch, changes, message, author=author, expected_head=head,
+                                      meta={"via": "mount"}, txn_hook=consume)
+        except ConcurrentUpdate:
+            continue  # the head moved between the read and the commit: look again
+        except NothingToCommit:
+            repo.store.write(consume)
+            return Outcome(parent=head, paths=paths)
+        except InvalidArgument as e:  # e.g. a pending file where the new head has a directory
+            return _refuse(repo, branch, raw, head, paths, str(e))
+        return Outcome(cid, head, message, paths)
+    raise ConcurrentUpdate(f"{branch} kept moving; the mount's changes stay pending")
+
+
+def _refuse(repo: Repository, branch: str, raw: dict[bytes, bytes], head: bytes | None, conflicts: list[str],
+            reason: str) -> Outcome:
+    """Move a refused burst under ``pend-conflict`` (one transaction) and log it."""
+    cid = f"{time.time_ns():020d}"
+    dst = branch_prefix(branch, CONFLICT_PREFIX) + cid.encode() + b"\x00"
+    src = branch_prefix(branch)
+
+    def fn(t: Txn) -> list[str]:
+        moved = []
+        for k, v in raw.items():
+            if t.get("index", k) != v:
+                continue
+            d = json.loads(v)
+            d.update(head=head.hex() if head else None, reason=reason, conflicts=conflicts)
+            t.delete("index", k)
+            t.put("index", dst + k[len(src):], json.dumps(d, sort_keys=True).encode())
+            moved.append(k[len(src):].decode())
+        return moved
+
+    moved = repo.store.write(fn)
+    log.error("commit of the mount's changes to %s refused: %s %s (head now %s); the mount's versions of "
+              "%d file(s) (%s) are kept as conflict %s: `coralfs flush-mount %s --conflicts` lists them, "
+              "`--recover %s --to-branch NAME` commits them on a new branch", branch, ", ".join(conflicts), reason,
+              head.hex()[:12] if head else "none", len(moved), ", ".join(sorted(moved)[:10]), cid, repo.root, cid)
+    return Outcome(parent=head, paths=sorted(moved), conflicts=conflicts, conflict_id=cid, reason=reason)
+
+
+def list_conflicts(repo: Repository) -> dict[str, dict[str, Any]]:
+    """Refused bursts: id -> {"branch", "head", "reason", "conflicts", "files": {path: entry json}}."""
+    out: dict[str, dict[str, Any]] = {}
+    with repo.store.read() as t:
+        for k, v in t.items("index", CONFLICT_PREFIX):
+            branch, cid, path = k[len(CONFLICT_PREFIX):].decode().split("\x00", 2)
+            d = json.loads(v)
+            c = out.setdefault(cid, {"branch": branch, "head": d.get("head"), "reason": d.get("reason", ""),
+                                     "conflicts": d.get("conflicts", []), "files": {}})
+            c["files"][path] = d
+    return out
+
+
+def recover_conflict(repo: Repository, conflict_id: str, to_branch: str) -> bytes:
+    """Commit a refused burst on a new branch ``to_branch``, made at the version the burst was
+    based on (so ``diff``/``merge`` against the original branch show both sides); the
+    conflict entries are removed in the commit's transaction."""
+    c = list_conflicts(repo).get(conflict_id)
+    if c is None:
+        raise InvalidArgument(f"no mount conflict {conflict_id!r} (see `coralfs flush-mount REPO --conflicts`)")
+    bases = [bytes.fromhex(d["base"]) for d in c["files"].values() if d.get("base")]
+    base = min(bases, key=lambda b: repo.get_commit(b).time) if bases else None
+    refs.check_ref_name(to_branch)
+    if repo.branch_head(to_branch) is not None:
+        raise RefExists(f"branch {to_branch!r} already exists")
+    if base is not None:
+        repo.create_branch(to_branch, base.hex())
+    old = dict(repo.tree(base).entries) if base else {}
+    changes = {p: None if d.get("del") else TreeEntry(bytes.fromhex(d["m"]), int(d["size"]), int(d["mode"]))
+               for p, d in c["files"].items()}
+    prefix = branch_prefix(c["branch"], CONFLICT_PREFIX) + conflict_id.encode() + b"\x00"
+
+    def drop(t: Txn, _cid: bytes) -> None:
+        for p in c["files"]:
+            t.delete("index", prefix + p.encode())
+
+    return repo.commit_changes(to_branch, changes, f"mount conflict {conflict_id} on {c['branch']}: "
+                               + describe(changes, old)[len("mount: "):], expected_head=base, allow_empty=True,
+                               meta={"via": "mount", "conflict": conflict_id}, txn_hook=drop)
+
+
+# ------------------------------------------------------------------ mount sessions (staging dirs)
+def staging_root(repo_root: str) -> str:
+    return os.path.join(repo_root, ".coralfs", STAGING_DIR)
+
+
+class Session:
+    """This mount's staging directory, locked (flock) for the life of the process: a session
+    whose lock is free belongs to a dead mount and is recovered by the next one."""
+
+    def __init__(self, repo_root: str, mountpoint: str | None) -> None:
+        root = staging_root(repo_root)
+        os.makedirs(root, exist_ok=True)
+        name = f"{SESSION_PREFIX}{os.getpid()}-{int(time.time() * 1000)}"
+        tmp = os.path.join(root, ".tmp-" + name)
+        os.mkdir(tmp)
+        self.lock_fd = os.open(os.path.join(tmp, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _write_json(os.path.join(tmp, "session.json"), {"pid": os.getpid(), "mountpoint": mountpoint,
+                                                         "started": time.time()})
+        self.dir = os.path.join(root, name)
+        os.rename(tmp, self.dir)  # recovery only looks at locked-or-dead "mount-*" directories
+
+    def close(self, remove: bool) -> None:
+        if remove:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        os.close(self.lock_fd)
+
+
+def _write_json(path: str, value: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _dead_session(path: str) -> Iterator[bool]:
+    """Yields True (holding its lock) if the session directory belongs to no live process."""
+    try:
+        fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield os.path.basename(path).startswith(".tmp-") and time.time() - os.stat(path).st_mtime > 60
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def live_sessions(repo_root: str) -> list[dict[str, Any]]:
+    """The running mounts of a repository (their session.json), found by their held locks."""
+    out = []
+    root = staging_root(repo_root)
+    with contextlib.suppress(FileNotFoundError):
+        for name in sorted(os.listdir(root)):
+            d = os.path.join(root, name)
+            if not name.startswith(SESSION_PREFIX) or not os.path.isdir(d):
+                continue
+            with _dead_session(d) as dead:
+                if dead:
+                    continue
+            try:
+                with open(os.path.join(d, "session.json")) as f:
+                    out.append(json.load(f))
+            except (OSError, ValueError):
+                out.append({"dir": d})
+    return out
+
+
+def recover_sessions(repo: Repository) -> list[str]:
+    """Clean up the staging directories of dead mount sessions; returns what was done (logged).
+
+    A file whose close had failed (complete content, state "closed") is ingested and
+    recorded as pending; anything else that was being written is discarded."""
+    done: list[str] = []
+    root = staging_root(repo.root)
+    try:
+        names = sorted(os.listdir(root))
+    except FileNotFoundError:
+        return done
+    for name in names:
+        d = os.path.join(root, name)
+        if not os.path.isdir(d) or not name.startswith((SESSION_PREFIX, ".tmp-" + SESSION_PREFIX)):
+            continue
+        with _dead_session(d) as dead:
+            if not dead:
+                continue
+            for f in sorted(os.listdir(d)):
+                if f.endswith(".data"):
+                    done.append(_recover_file(repo, d, f[: -len(".data")]))
+            shutil.rmtree(d, ignore_errors=True)
+    return [x for x in done if x]
+
+
+def _recover_file(repo: Repository, d: str, sid: str) -> str:
+    data = os.path.join(d, sid + ".data")
+    size = os.path.getsize(data)
+    try:
+        with open(os.path.join(d, sid + ".json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        meta = {}
+    branch, path, state = meta.get("branch"), meta.get("path"), meta.get("state")
+    where = f"{branch}/{path}" if branch and path else f"{os.path.basename(d)}/{sid} (unknown path)"
+    if not branch or not path or state == "ingested":
+        return ""
+    if state == "closed":  # its close() had failed: the content is complete, store it now
+        try:
+            with repo.writing():
+                head = repo.branch_head(branch)
+                prev = _durable_entry(repo, branch, path, head)
+                entry, _ = repo.ingest_file(data, path, prev)
+                mode = int(meta.get("mode", MODE_FILE))
+                base = bytes.fromhex(meta["base"]) if meta.get("base") else head
+                item = PendItem(TreeEntry(entry.manifest, entry.size, mode), base, time.time())
+                repo.store.write(lambda t: t.put("index", pend_key(branch, path), item.encode()))
+            msg = f"recovered {where} ({size} bytes), whose close had failed in an earlier mount session"
+            log.warning(msg)
+            return msg
+        except Exception as e:
+            log.error("could not recover %s (%d bytes) from an earlier mount session: %s; discarded", where, size, e)
+    msg = f"discarded incomplete write of {where} ({size} bytes)"
+    log.warning(msg)
+    return msg
+
+
+def _durable_entry(repo: Repository, branch: str, path: str, head: bytes | None) -> TreeEntry | None:
+    with repo.store.read() as t:
+        raw = t.get("index", pend_key(branch, path))
+    if raw is not None:
+        return PendItem.decode(raw).entry
+    return repo.tree(head).entries.get(path) if head else None
+
+
+def flush_repository(repo: Repository, branches: list[str] | None = None, recovered: list[str] | None = None
+                     ) -> list[tuple[str, Outcome]]:
+    """Without a running mount: recover dead sessions (what was done is appended to
+    ``recovered``), then commit pending entries (all branches, or ``branches``). Used at
+    mount start-up and by ``coralfs flush-mount``."""
+    done = recover_sessions(repo)
+    if recovered is not None:
+        recovered.extend(done)
+    with repo.store.read() as t:
+        names = sorted({split_pend_key(k)[0] for k in t.keys("index", PEND_PREFIX)})
+    out = []
+    for b in names if branches is None else branches:
+        o = commit_pending(repo, b)
+        if o.commit:
+            log.info("committed pending mount changes on %s as %s: %s", b, o.commit.hex()[:12],
+                     o.message.splitlines()[0])
+        out.append((b, o))
+    return out
+
+
+# ------------------------------------------------------------------ the writer (one per mount)
+class Staged:
+    """A file with data on local disk: being written, or closed and not yet stored.
+
+    ``branch``/``path`` is where it is bound (``path`` None: unlinked while open). Until
+    something is written or truncated, ``src`` (the version it was opened at) is its
+    content and nothing is copied."""
+
+    def __init__(self, writer: Writer, branch: str, path: str, mode: int, base: bytes | None,
+                 src: FileView | None, src_entry: TreeEntry | None) -> None:
+        self.sid = next(writer._ids)
+        self.fs_path = os.path.join(writer.session_dir, f"{self.sid}.data")
+        self.meta_path = os.path.join(writer.session_dir, f"{self.sid}.json")
+        self.branch = branch
+        self.path: str | None = path
+        self.mode = mode
+        self.base = base  # the head the writer saw when it opened the file
+        self.src = src
+        self.durable = src_entry  # the last closed content this inode had (None: never closed)
+        self.fd: int | None = None
+        self.handles = 0
+        self.writers = 0
+        self.dirty = False  # written since the last successful ingest
+        self.failed = False  # the last ingest failed: the data waits here
+        self.state = ""  # as written to the .json: writing | closed | ingested
+        self.lock = threading.RLock()  # data: writes, truncates and ingests of this file
+        # kept here (not fstat-ed): getattr reads them without the lock, also after the fd is gone
+        self.size = src.size if src is not None else 0
+        self.mtime = time.time()
+
+    def write_meta(self, state: str | None = None) -> None:
+        if state is not None:
+            self.state = state
+        if self.fd is None:
+            return
+        _write_json(self.meta_path, {"branch": self.branch, "path": self.path, "state": self.state,
+                                     "mode": self.mode, "base": self.base.hex() if self.base else None})
+
+    def __repr__(self) -> str:
+        return f"<Staged {self.sid} {self.branch}/{self.path} handles={self.handles} dirty={self.dirty}>"
+
+
+@dataclass
+class BranchState:
+    pend: dict[str, PendItem] = field(default_factory=dict)  # mirror of the branch's LMDB entries
+    live: dict[str, Staged] = field(default_factory=dict)  # paths bound to staged files
+    dirs: set[str] = field(default_factory=set)  # directories that live only in this session
+    last_activity: float = 0.0  # time.monotonic() of the last write or namespace change
+    first_pending: float | None = None
+    writers: int = 0  # open-for-write handles
+    retry_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """A branch as the mount shows it: head tree + pending entries + files being written."""
+
+    files: dict[str, TreeEntry | Staged]
+    mtimes: dict[str, float]
+    dirs: frozenset[str]
+
+
+class Writer:
+    """The write side of one mount: staged files, pending entries, the commit thread."""
+
+    def __init__(self, repo: Repository, *, commit_delay: float = DEFAULT_COMMIT_DELAY, max_hold: float = MAX_HOLD,
+                 mountpoint: str | None = None) -> None:
+        self.repo = repo
+        self.commit_delay = commit_delay
+        self.max_hold = max_hold
+        self.mountpoint = mountpoint
+        self.lock = threading.RLock()  # namespace state; never held while waiting for an ingest
+        self.branches: dict[str, BranchState] = {}
+        self.version = 0  # bumped on every namespace change (the view caches overlays by it)
+        self._ids = itertools.count(1)
+        self._invalid: list[str] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.session: Session | None = None
+        self.commit_count = 0  # commits made by this mount
+        self._closed = False
+        self._trash: list[str] = []
+
+    @property
+    def session_dir(self) -> str:
+        assert self.session is not None, "Writer.start() first"
+        return self.session.dir
+
+    # -- life cycle ---------------------------------------------------------
+    def start(self, background: bool = True) -> None:
+        """Lock a staging session, recover dead ones, commit what earlier sessions left pending."""
+        self.session = Session(self.repo.root, self.mountpoint)
+        for b, o in flush_repository(self.repo):
+            if o.conflicts:
+                log.error("start-up: pending changes on %s conflicted (kept as %s)", b, o.conflict_id)
+        with self.lock:
+            with self.repo.store.read() as t:
+                for k, v in t.items("index", PEND_PREFIX):
+                    b, p = split_pend_key(k)
+                    self._state(b).pend[p] = PendItem.decode(v)
+            for st in self.branches.values():
+                st.first_pending = time.monotonic() if st.pend else None
+        if background:
+            self._thread = threading.Thread(target=self._run, name="coralfs-commit", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop the commit thread; store what can be stored and commit everything pending now."""
+        with self.lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        with self.lock:
+            states = list(self.branches.items())
+        for name, st in states:
+            with contextlib.suppress(CoralError):
+                self._retry_failed(st)
+            try:
+                self.commit(name)
+            except CoralError as e:
+                log.error("unmount: pending changes on %s not committed: %s (they stay pending)", name, e)
+        self.empty_trash()
+        keep = any(s.dirty for st in self.branches.values() for s in st.live.values())
+        for st in self.branches.values():
+            for s in list(st.live.values()):
+                if not s.dirty and s.fd is not None:
+                    os.close(s.fd)
+                    s.fd = None
+        if self.session is not None:
+            self.session.close(remove=not keep)
+
+    def _state(self, branch: str) -> BranchState:
+        st = self.branches.get(branch)
+        if st is None:
+            st = self.branches[branch] = BranchState()
+        return st
+
+    def _touch(self, st: BranchState) -> None:
+        st.last_activity = time.monotonic()
+
+    def take_invalidations(self) -> list[str]:
+        """Mount paths whose overlay changed behind the kernel's back (e.g. a refused burst)."""
+        with self.lock:
+            out, self._invalid = self._invalid, []
+        return out
+
+    # -- what the view shows --------------------------------------------------
+    def overlay(self, branch: str, head_files: Mapping[str, TreeEntry]) -> Overlay | None:
+        with self.lock:
+            st = self.branches.get(branch)
+            if st is None or not (st.pend or st.live or st.dirs):
+                return None
+            files: dict[str, TreeEntry | Staged] = dict(head_files)
+            mtimes: dict[str, float] = {}
+            for p, it in st.pend.items():
+                if it.entry is None:
+                    files.pop(p, None)
+                else:
+                    files[p] = it.entry
+                    mtimes[p] = it.time
+            files.update(st.live)
+            return Overlay(files, mtimes, frozenset(st.dirs))
+
+    # -- files ----------------------------------------------------------------
+    def open_file(self, branch: str, path: str, head: bytes | None, current: TreeEntry | Staged | None,
+                  src: FileView | None, *, writable: bool, truncate: bool, mode: int = MODE_FILE) -> Staged:
+        """Bind (or reuse) the staged file for ``path``; ``current`` is what the path shows now and
+        ``src`` its content. With ``truncate`` the old content is not kept: the caller then
+        truncates, after releasing ``self.lock`` (a truncate waits for a running ingest)."""
+        with self.lock:
+            st = self._state(branch)
+            if isinstance(current, Staged):
+                s = current
+            else:
+                if current is not None:
+                    mode = current.mode
+                s = Staged(self, branch, path, mode, head, None if truncate else src,
+                           None if truncate else current)
+                st.live[path] = s
+                self.version += 1
+            s.handles += 1
+            if writable:
+                s.writers += 1
+                st.writers += 1
+                self._touch(st)
+        return s
+
+    def attach(self, s: Staged) -> None:
+        """Another handle reads ``s`` (it keeps the staged data alive)."""
+        with self.lock:
+            s.handles += 1
+
+    def _materialize(self, s: Staged, keep: int | None = None) -> None:
+        """Create the staged file, copying (up to ``keep`` bytes of) the version it was opened at."""
+        if s.fd is not None:
+            return
+        fd = os.open(s.fs_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            s.fd = fd
+            s.write_meta("writing")
+            src, n = s.src, 0
+            if src is not None:
+                n = src.size if keep is None else min(keep, src.size)
+                pos = 0
+                while pos < n:
+                    block = src.pread(pos, min(COPY_BLOCK, n - pos))
+                    if not block:
+                        raise IngestFailed(f"{s.branch}/{s.path}: short read while copying the current version")
+                    os.pwrite(fd, block, pos)
+                    pos += len(block)
+            s.src = None
+            s.size = n
+        except BaseException:
+            s.fd = None
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(s.fs_path)
+            raise
+
+    def _dirty(self, s: Staged) -> None:
+        if not s.dirty or s.state != "writing":
+            s.dirty = True
+            s.failed = False
+            s.write_meta("writing")
+
+    def read(self, s: Staged, offset: int, size: int) -> bytes:
+        with s.lock:
+            if s.fd is None:
+                return s.src.pread(offset, size) if s.src is not None else b""
+            return os.pread(s.fd, size, offset)
+
+    def write(self, s: Staged, offset: int, data: bytes, append: bool = False) -> int:
+        with s.lock:
+            self._materialize(s)
+            assert s.fd is not None
+            if append:
+                offset = s.size
+            self._dirty(s)
+            n = os.pwrite(s.fd, data, offset)
+            s.size = max(s.size, offset + n)
+            s.mtime = time.time()
+        st = self.branches.get(s.branch)
+        if st is not None:
+            st.last_activity = time.monotonic()
+        return n
+
+    def truncate(self, s: Staged, length: int) -> None:
+        with s.lock:
+            self._materialize(s, keep=length)
+            assert s.fd is not None
+            self._dirty(s)
+            os.ftruncate(s.fd, length)
+            s.size = length
+            s.mtime = time.time()
+        with self.lock:
+            self._touch(self._state(s.branch))
+
+    def allocate(self, s: Staged, offset: int, length: int) -> None:
+        with s.lock:
+            self._materialize(s)
+            assert s.fd is not None
+            if s.size < offset + length:
+                self._dirty(s)
+            os.posix_fallocate(s.fd, offset, length)
+            s.size = max(s.size, offset + length)
+
+    def flush(self, s: Staged) -> None:
+        """Store the file if it was written (close/fsync): ingest + pending entry, durable on return."""
+        with s.lock:
+            if not s.dirty:
+                return
+            if s.path is None:  # unlinked while open: nothing to keep
+                s.dirty = False
+                return
+            self._materialize(s)
+            try:
+                with self.repo.writing():
+                    with self.lock:
+                        branch, path = s.branch, s.path
+                        prev = self._prev_entry(branch, path)
+                    _fail_hook(path)
+                    t0 = time.perf_counter()
+                    entry, stats = self.repo.ingest_file(s.fs_path, path, prev, _kill_hook("ingest"))
+                    entry = TreeEntry(entry.manifest, entry.size, s.mode)
+                    log.info("stored %s/%s: %d bytes in %.2f s (%d new chunks, %d deduplicated, %d delta; "
+                             "%d bytes stored)", branch, path, entry.size, time.perf_counter() - t0, stats.new_chunks,
+                             stats.dedup_chunks, stats.delta_chunks, stats.stored)
+                    _kill_hook("ingest-done")
+                    with self.lock:
+                        if s.path is not None:  # (renamed meanwhile: recorded under its new path)
+                            head = self.repo.branch_head(s.branch)
+                            self._apply(s.branch, head, {s.path: entry}, base=s.base)
+                s.dirty = False
+                s.failed = False
+                s.durable = entry
+                s.write_meta("ingested")
+            except Exception as e:
+                s.failed = True
+                with contextlib.suppress(OSError):
+                    s.write_meta("closed")
+                code = e.errno if isinstance(e, (OSError, CoralError)) and e.errno else errno.EIO
+                if "No space left" in str(e) or "MDB_MAP_FULL" in str(e):
+                    code = errno.ENOSPC
+                log.error("storing %s/%s failed (%s: %s); its data is kept in %s and stored at the next close, "
+                          "fsync of the directory or mount", s.branch, s.path, type(e).__name__, e, s.fs_path)
+                err = IngestFailed(f"{s.branch}/{s.path}: storing the file failed: {e}")
+                err.errno = code
+                raise err from e
+
+    def release(self, s: Staged, writable: bool) -> None:
+        with self.lock:
+            st = self._state(s.branch)
+            if writable:
+                s.writers -= 1
+                st.writers -= 1
+                self._touch(st)
+            last = s.handles == 1
+        if last and s.dirty and not s.failed and s.path is not None:
+            # written after the last close (e.g. through a shared mapping): store it now
+            with contextlib.suppress(CoralError):
+                self.flush(s)
+        with self.lock:
+            s.handles -= 1
+            if s.handles == 0:
+                self._drop(s)
+        if self._thread is None:  # (otherwise the commit thread deletes them, off the request path)
+            self.empty_trash()
+
+    def _drop(self, s: Staged) -> None:
+        """Forget a staged file nobody has open, unless it holds data not stored yet (caller locks)."""
+        if s.handles or (s.dirty and s.path is not None):
+            return
+        if s.path is not None:
+            st = self._state(s.branch)
+            if st.live.get(s.path) is s:
+                del st.live[s.path]
+                self.version += 1
+        with s.lock:
+            fd, s.fd = s.fd, None
+            if fd is not None:
+                os.close(fd)
+        # deleting a large file that was just written and read takes tens of ms: not under the lock
+        self._trash += [s.fs_path, s.meta_path]
+
+    def empty_trash(self) -> None:
+        """Delete the staged files of dropped ones (call without holding ``self.lock``)."""
+        with self.lock:
+            trash, self._trash = self._trash, []
+        for p in trash:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(p)
+
+    def _prev_entry(self, branch: str, path: str) -> TreeEntry | None:
+        """The version a new one of ``path`` deltas against: pending, else the head's (caller locks)."""
+        it = self._state(branch).pend.get(path)
+        if it is not None:
+            return it.entry
+        return _durable_entry(self.repo, branch, path, self.repo.branch_head(branch))
+
+    # -- namespace ------------------------------------------------------------
+    def _apply(self, branch: str, head: bytes | None, durable: Mapping[str, TreeEntry | None], *,
+               base: bytes | None | bool = False, head_files: Mapping[str, TreeEntry] | None = None) -> None:
+        """Record pending entries (None: deleted) for ``branch`` in one transaction and in memory
+        (caller holds ``self.lock``). A path already pending keeps its base (the oldest)."""
+        st = self._state(branch)
+        if head_files is None:
+            head_files = self.repo.tree(head).entries if head else {}
+        now = time.time()
+        new: dict[str, PendItem | None] = {}
+        for p, e in durable.items():
+            old = st.pend.get(p)
+            b = old.base if old is not None else (head if base is False else base)
+            if e is None:
+                new[p] = PendItem(None, b, now) if p in head_files else None
+            else:  # the head's own version again: nothing pending
+                new[p] = None if head_files.get(p) == e else PendItem(e, b, now)
+
+        def fn(t: Txn) -> None:
+            for p, it in new.items():
+                if it is None:
+                    t.delete("index", pend_key(branch, p))
+                else:
+                    t.put("index", pend_key(branch, p), it.encode())
+
+        self.repo.store.write(fn)
+        for p, it in new.items():
+            if it is None:
+                st.pend.pop(p, None)
+            else:
+                st.pend[p] = it
+        if st.pend and st.first_pending is None:
+            st.first_pending = time.monotonic()
+        elif not st.pend:
+            st.first_pending = None
+        self.version += 1
+        self._touch(st)
+
+    def change(self, branch: str, head: bytes | None, head_files: Mapping[str, TreeEntry], *,
+               durable: Mapping[str, TreeEntry | None] = {}, bind: Mapping[str, Staged | None] = {},
+               unbind: tuple[Staged, ...] = (), add_dirs: tuple[str, ...] = (), remove_dirs: tuple[str, ...] = ()
+               ) -> None:
+        """One namespace change (unlink, rename, mkdir, rmdir, chmod): durable entries, staged
+        files bound to paths or unbound (unlinked), session directories. Caller holds the lock."""
+        st = self._state(branch)
+        if durable:
+            self._apply(branch, head, durable, head_files=head_files)
+        for p, s in bind.items():
+            if s is None:
+                st.live.pop(p, None)
+            else:
+                st.live[p] = s
+                if s.path != p:
+                    s.path = p
+                    with contextlib.suppress(OSError):
+                        s.write_meta()
+        for s in unbind:
+            s.path = None
+            with contextlib.suppress(OSError):
+                s.write_meta()
+            self._drop(s)
+        st.dirs.difference_update(remove_dirs)
+        st.dirs.update(d for d in add_dirs if d)
+        self.version += 1
+        self._touch(st)
+
+    # -- branches -----------------------------------------------------------------
+    def create_branch(self, name: str) -> bytes:
+        """``mkdir MOUNT/NAME``: a branch at the default branch's head (an empty first commit if
+        the default branch has none yet)."""
+        refs.check_ref_name(name)
+        head = self.repo.branch_head(self.repo.default_branch)
+        if head is not None:
+            return self.repo.create_branch(name, head.hex())
+        try:
+            return self.repo.commit_changes(name, {}, f"mount: create branch {name}", expected_head=None,
+                                            allow_empty=True, meta={"via": "mount"})
+        except ConcurrentUpdate:
+            raise RefExists(f"branch {name!r} already exists") from None
+
+    def delete_branch(self, name: str, head: bytes) -> None:
+        """``rmdir MOUNT/NAME`` of an empty branch directory (the caller checked it shows no files):
+        the ref goes (compare-and-swap) and so do its pending entries (all deletions)."""
+        with self.lock:
+            st = self.branches.get(name)
+            if st is not None and (st.live or st.writers):
+                raise DirectoryNotEmpty(f"{name}: files are being written")
+            if self.repo.current_branch() == name:
+                raise Busy(f"{name} is the repository's checked-out branch (HEAD)")
+            try:
+                self.repo.delete_branch(name, expected=head)
+            except ConcurrentUpdate:
+                raise DirectoryNotEmpty(f"{name}: the branch moved meanwhile") from None
+            prefix = branch_prefix(name)
+
+            def fn(t: Txn) -> None:
+                for k in list(t.keys("index", prefix)):
+                    t.delete("index", k)
+
+            self.repo.store.write(fn)
+            self.branches.pop(name, None)
+            self.version += 1
+        log.info("branch %s deleted (rmdir through the mount)", name)
+
+    # -- commits --------------------------------------------------------------------
+    def commit(self, branch: str, raise_conflict: bool = False) -> bytes | None:
+        """Commit the branch's pending entries now (no quiet period)."""
+        with self.lock:
+            st = self._state(branch)
+            try:
+                out = commit_pending(self.repo, branch)
+            finally:
+                self._reload(branch)
+            if out.commit is not None:
+                self.commit_count += 1
+                log.info("committed %s on %s: %s", out.commit.hex()[:12], branch, out.message.splitlines()[0])
+                for s in st.live.values():  # what they saw is in the new commit
+                    if s.base == out.parent:
+                        s.base = out.commit
+            if out.conflicts:
+                self._invalid += [f"/{branch}/{p}" for p in out.paths] + [f"/{branch}"]
+                self.version += 1
+                if raise_conflict:
+                    raise ConcurrentUpdate(f"{branch}: {', '.join(out.conflicts)} {out.reason}; the mount's "
+                                           f"versions are kept as conflict {out.conflict_id} (see mount.log)")
+            return out.commit
+
+    def _reload(self, branch: str) -> None:
+        st = self._state(branch)
+        prefix = branch_prefix(branch)
+        with self.repo.store.read() as t:
+            st.pend = {k[len(prefix):].decode(): PendItem.decode(v) for k, v in t.items("index", prefix)}
+        st.first_pending = (st.first_pending or time.monotonic()) if st.pend else None
+        self.version += 1
+
+    def _retry_failed(self, st: BranchState) -> None:
+        """Store closed files whose ingest failed (holding a handle, so nothing drops them meanwhile)."""
+        with self.lock:
+            retry = [s for s in st.live.values() if s.dirty and s.writers == 0]
+            for s in retry:
+                s.handles += 1
+        err: CoralError | None = None
+        for s in retry:
+            try:
+                self.flush(s)
+            except CoralError as e:
+                err = err or e
+            finally:
+                self.release(s, False)
+        if err is not None:
+            raise err
+
+    def sync(self, branch: str) -> bytes | None:
+        """``fsync`` of a branch directory: store closed files whose ingest failed, then commit now."""
+        self._retry_failed(self._state(branch))
+        return self.commit(branch, raise_conflict=True)
+
+    def sync_all(self) -> None:
+        with self.lock:
+            names = list(self.branches)
+        for b in names:
+            self.sync(b)
+
+    def _run(self) -> None:
+        tick = max(0.02, min(0.1, self.commit_delay / 4))
+        while not self._stop.wait(tick):
+            now = time.monotonic()
+            due = []
+            with self.lock:
+                for name, st in self.branches.items():
+                    if not st.pend or now < st.retry_at or now - st.last_activity < self.commit_delay:
+                        continue
+                    if st.writers == 0 or (st.first_pending is not None and now - st.first_pending >= self.max_hold):
+                        due.append((name, st))
+            for name, st in due:
+                try:
+                    self.commit(name)
+                except Exception as e:
+                    st.retry_at = time.monotonic() + RETRY_SECONDS
+                    log.error("committing the mount's changes to %s failed (%s: %s); retrying in %.0f s", name,
+                              type(e).__name__, e, RETRY_SECONDS)
+            if self._trash:
+                self.empty_trash()
+
+
+def _kill_hook(point: str) -> Callable[[int, int], None] | None:
+    """Test hook (``CORALFS_MOUNT_KILL_AT``): SIGKILL this process at ``point``."""
+    if os.environ.get(KILL_ENV) != point:
+        return None
+    if point == "ingest":
+        def progress(done: int, total: int) -> None:
+            if total and done >= total // 2:
+                log.warning("test hook: SIGKILL halfway through an ingest")
+                logging.shutdown()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        return progress
+    log.warning("test hook: SIGKILL at %s", point)
+    logging.shutdown()
+    os.kill(os.getpid(), signal.SIGKILL)
+    return None
+
+
+def _fail_hook(path: str) -> None:
+    """Test hook (``CORALFS_MOUNT_FAIL_INGEST``): fail an ingest as a full disk would."""
+    spec = os.environ.get(FAIL_ENV)
+    if not spec:
+        return
+    text, _, n = spec.rpartition(":")
+    if text in path and _fail_counts.get(text, 0) < int(n):
+        _fail_counts[text] = _fail_counts.get(text, 0) + 1
+        raise OSError(errno.ENOSPC, "No space left on device (test hook)")
+
+
+def exec_mode(mode: int) -> int:
+    return MODE_EXEC if mode & 0o111 else MODE_FILE

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from coralfs import refs
 from coralfs.errors import CoralError, MissingObject
-from coralfs.gc import COMMIT_INDEX, PEND_PREFIX, STAT_INDEX, TENSOR_INDEX, GcAborted, gc
+from coralfs.gc import COMMIT_INDEX, CONFLICT_PREFIX, PEND_PREFIX, STAT_INDEX, TENSOR_INDEX, GcAborted, gc
 from coralfs.hashing import ID_LEN, digest, hasher
 from coralfs.objects import Commit, Manifest, Tag, Tree, deserialize
 from coralfs.objectstore import ObjectStore
@@ -110,7 +110,7 @@ def fsck(repo: Repository, repair: bool = False, log: Callable[[str], None] | No
     with repo.store.read() as t:
         ref_items = list(t.items("refs"))
         stage_items = list(t.items("stage"))
-        pend_items = list(t.items("index", PEND_PREFIX))
+        pend_items = list(t.items("index", PEND_PREFIX)) + list(t.items("index", CONFLICT_PREFIX))
     starts: list[tuple[bytes, str]] = []
     for k, v in ref_items:
         rep.refs += 1

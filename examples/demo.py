@@ -106,8 +106,22 @@ def main() -> int:
                 assert sha(os.path.join(mnt, "@tags", "v1.0", "model.pt")) == written["epoch 5"]
                 assert sha(os.path.join(mnt, "experiment", "fine-tune", "model.pt")) == written["fine-tune"]
                 print("mount: files are byte-identical to what was written")
+                # writing is committing: torch.save into a branch directory makes a commit
+                target = os.path.join(mnt, "main", "from_mount.pt")
+                torch.save({"model": model.state_dict(), "epoch": 7}, target)
+                fd = os.open(os.path.join(mnt, "main"), os.O_RDONLY)
+                try:
+                    os.fsync(fd)  # commit now instead of after the quiet period
+                finally:
+                    os.close(fd)
+                written["mount"] = sha(target)
+                sh("log", "-n", "1", "--oneline", "main", cwd=repo)
             finally:
                 sh("umount", mnt)
+            back = subprocess.run([*CLI, "cat", "main:from_mount.pt"], cwd=repo, check=True,
+                                  capture_output=True).stdout
+            assert hashlib.sha256(back).hexdigest() == written["mount"]
+            print("torch.save through the mount became a commit on main, byte-identical")
         else:
             print("(no /dev/fuse or fusermount3 here: skipping the mount part of the demo)")
         print(f"\ndemo OK (work dir {work})")

@@ -187,3 +187,29 @@ def make_repo(tmp_path: Path) -> Iterator[Callable[..., object]]:
     yield make
     for r in repos:
         r.close()
+
+
+# ---------------------------------------------------------------- shared by every test file
+@pytest.fixture(autouse=True)
+def _test_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No repository from the caller's environment, a fixed author, and single-threaded
+    torch (tiny models: intra-op threads only contend on 2 cores)."""
+    monkeypatch.delenv("CORALFS_REPO", raising=False)
+    monkeypatch.setenv("CORALFS_AUTHOR", "tester")
+    torch = sys.modules.get("torch")
+    n = torch.get_num_threads() if torch is not None else 0
+    if torch is not None:
+        torch.set_num_threads(1)
+    yield
+    if torch is not None:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[object]:
+    """A fresh repository in ``tmp_path/repo``, closed afterwards."""
+    from coralfs.repository import Repository
+
+    r = Repository.init(tmp_path / "repo")
+    yield r
+    r.close()

@@ -19,13 +19,6 @@ from coralfs.repository import Repository
 from tests.factories import TinyNet, save_pt, sha256
 
 
-@pytest.fixture
-def repo(tmp_path):
-    r = Repository.init(tmp_path / "repo")
-    yield r
-    r.close()
-
-
 def _roundtrip(repo: Repository, name: str, data: bytes) -> str:
     p = os.path.join(repo.root, name)
     with open(p, "wb") as f:

@@ -20,23 +20,6 @@ from coralfs.repository import Repository  # noqa: E402
 from tests.factories import TinyNet, train_steps  # noqa: E402
 
 
-@pytest.fixture
-def repo(tmp_path):
-    r = Repository.init(tmp_path / "repo")
-    yield r
-    r.close()
-
-
-@pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    monkeypatch.delenv("CORALFS_REPO", raising=False)
-    monkeypatch.setenv("CORALFS_AUTHOR", "tester")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only contend (40x slower on 2 cores)
-    yield
-    torch.set_num_threads(n)
-
-
 def _commit(repo: Repository, files: dict, msg: str, branch: str = "main", **kw) -> bytes:
     changes = {}
     for path, obj in files.items():

@@ -22,23 +22,6 @@ from coralfs.repository import Repository  # noqa: E402
 from tests.factories import training_series, varied_state_dict  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    monkeypatch.delenv("CORALFS_REPO", raising=False)
-    monkeypatch.setenv("CORALFS_AUTHOR", "tester")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only contend
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def repo(tmp_path):
-    r = Repository.init(tmp_path / "repo")
-    yield r
-    r.close()
-
-
 def _bits(t: torch.Tensor) -> bytes:
     return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 

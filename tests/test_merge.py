@@ -34,23 +34,6 @@ BOTH = ["fc2.weight", "fc2.bias"]
 NEITHER = ["fc1.bias"]
 
 
-@pytest.fixture(autouse=True)
-def _env(monkeypatch):
-    monkeypatch.delenv("CORALFS_REPO", raising=False)
-    monkeypatch.setenv("CORALFS_AUTHOR", "tester")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only contend
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def repo(tmp_path):
-    r = Repository.init(tmp_path / "repo")
-    yield r
-    r.close()
-
-
 def _clone(sd: dict) -> dict:
     return {k: v.clone() for k, v in sd.items()}
 

@@ -21,13 +21,6 @@ from coralfs.repository import Repository
 from tests.factories import TinyNet, save_pt, sha256, train_steps
 
 
-@pytest.fixture
-def repo(tmp_path):
-    r = Repository.init(tmp_path / "repo")
-    yield r
-    r.close()
-
-
 def _write_ckpt(repo: Repository, name: str, seed: int) -> str:
     torch.manual_seed(seed)
     m = TinyNet()

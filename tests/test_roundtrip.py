@@ -14,13 +14,6 @@ from coralfs.repository import Repository
 from tests.factories import TinyNet, save_pt, sha256, train_steps, training_series, varied_state_dict
 
 
-@pytest.fixture
-def repo(tmp_path):
-    r = Repository.init(tmp_path / "repo")
-    yield r
-    r.close()
-
-
 def _commit_and_check(repo: Repository, files: dict[str, bytes | os.PathLike]) -> bytes:
     paths = []
     for rel, src in files.items():

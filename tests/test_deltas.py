@@ -1,0 +1,101 @@
+"""Delta base selection, shape changes, frozen tensors and stats arithmetic (issue 3)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors.torch import save
+
+from coralfs import records
+from tests.factories import sha256
+
+
+def _write(repo, name: str, data: bytes) -> str:
+    p = os.path.join(repo.root, name)
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    with open(p, "wb") as f:
+        f.write(data)
+    return p
+
+
+def _header(repo, rev: str, path: str, tensor: str) -> records.RecordHeader:
+    seg = repo.get_manifest(repo.entry(rev, path).manifest).tensors()[tensor]
+    return repo.objects.chunk_header(seg.pieces[0].chunk)
+
+
+def _finetune(w: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return w + 1e-3 * torch.randn(w.shape, generator=g)
+
+
+def test_new_file_on_other_branch_deltas_against_same_named_tensor(repo):
+    torch.manual_seed(0)
+    w = torch.randn(512, 256)
+    repo.add([_write(repo, "base.safetensors", save({"layer.weight": w.bfloat16()}))])
+    repo.commit("base")
+    base_chunk = repo.get_manifest(repo.entry("HEAD", "base.safetensors").manifest).tensors()["layer.weight"]
+    repo.create_branch("ft")
+    repo.checkout("ft")
+    data = save({"layer.weight": _finetune(w, 1).bfloat16()})
+    repo.add([_write(repo, "finetuned/model.safetensors", data)])  # new path: no history of its own
+    repo.commit("fine-tune under a new name")
+    h = _header(repo, "ft", "finetuned/model.safetensors", "layer.weight")
+    assert h.bases and h.bases[0] == base_chunk.pieces[0].chunk  # found through the persistent index
+    raw = len(data)
+    stored = len(repo.objects.chunk_record(
+        repo.get_manifest(repo.entry("ft", "finetuned/model.safetensors").manifest)
+        .tensors()["layer.weight"].pieces[0].chunk))
+    assert stored < raw / 3
+    repo.objects.chunk_cache.clear()
+    assert sha256(repo.open("ft", "finetuned/model.safetensors").read()) == sha256(data)
+
+
+def test_grown_vocabulary_is_a_delta_over_the_common_rows(repo):
+    torch.manual_seed(0)
+    emb = torch.randn(1000, 64)
+    repo.add([_write(repo, "m.safetensors", save({"embed": emb}))])
+    repo.commit("v1")
+    grown = torch.cat([_finetune(emb, 2), torch.randn(24, 64)])  # 24 new tokens
+    data = save({"embed": grown})
+    repo.add([_write(repo, "m.safetensors", data)])
+    repo.commit("grown vocab")
+    h = _header(repo, "HEAD", "m.safetensors", "embed")
+    assert h.bases, "a grown tensor still deltas against the old one"
+    repo.objects.chunk_cache.clear()
+    assert sha256(repo.open("HEAD", "m.safetensors").read()) == sha256(data)
+
+
+def test_frozen_tensors_cost_nothing(repo):
+    torch.manual_seed(0)
+    frozen = torch.randn(256, 256)
+    head = torch.randn(256, 4)
+    repo.add([_write(repo, "m.safetensors", save({"backbone": frozen, "head": head}))])
+    repo.commit("v1")
+    stats = repo.add([_write(repo, "m.safetensors", save({"backbone": frozen, "head": _finetune(head, 3)}))])
+    repo.commit("v2")
+    assert stats.dedup_chunks >= 1 and stats.new_chunks == 1  # only the head is new
+
+
+def test_stats_arithmetic(repo):
+    torch.manual_seed(0)
+    w = torch.randn(256, 256)
+    sizes = []
+    for i in range(3):
+        w = _finetune(w, i)
+        data = save({"w": w})
+        sizes.append(len(data))
+        repo.add([_write(repo, "m.safetensors", data)])
+        repo.commit(f"v{i}")
+    s = repo.stats()
+    assert s["file_versions"] == 3 and s["logical_bytes"] == sum(sizes)
+    with repo.store.read() as t:
+        records_bytes = sum(len(v) for _, v in t.items("chunks"))
+        object_bytes = sum(len(v) for _, v in t.items("objects"))
+        n = sum(1 for _ in t.items("chunks"))
+    assert s["stored_bytes"] == records_bytes + object_bytes
+    assert s["object_bytes"] == object_bytes and s["chunks"] == n
+    assert sum(c["stored"] for c in s["by_codec"].values()) == records_bytes
+    assert sum(c["chunks"] for c in s["by_codec"].values()) == n
+    assert abs(s["ratio"] - s["logical_bytes"] / s["stored_bytes"]) < 1e-12
+    assert s["delta_chunks"] >= 2

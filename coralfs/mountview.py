@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 COMMITS = "@commits"
 TAGS = "@tags"
 DEFAULT_BLKSIZE = 1 << 20  # st_blksize: readers (cat, cp, Python) then issue large reads
-PREFETCH_BYTES = 8 << 20  # sequential readers: decode this far ahead (two 4 MiB chunks)
+PREFETCH_BYTES = 8 << 20  # sequential readers: decode this far ahead (eight 1 MiB pieces)
 _HEX_NAME = re.compile(r"^[0-9a-f]{4,64}$")
 _COMMIT_INDEX = b"c\x00"  # index db: b"c\0" + commit id -> b"" (see Repository.commits)
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2

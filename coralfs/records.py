@@ -38,17 +38,7 @@ HEADER_LEN = _HEADER.size
 RAW = 0
 ZSTD = 1
 
-CODEC_NAMES: dict[int, str] = {
-    RAW: "raw",
-    ZSTD: "zstd",
-    tensorcodec.PLANES: "planes",
-    tensorcodec.XOR: "xor-delta",
-    tensorcodec.SUB: "sub-delta",
-}
-for _name in dir(tensorcodec):  # codecs the tensor codec module adds later get a name too
-    _value = getattr(tensorcodec, _name)
-    if _name.isupper() and isinstance(_value, int) and 2 <= _value < 64:
-        CODEC_NAMES.setdefault(_value, _name.lower())
+CODEC_NAMES: dict[int, str] = dict(tensorcodec.CODEC_NAMES)  # the ids a record header may name
 
 _local = threading.local()
 

@@ -56,6 +56,8 @@ ROT = 0x01  # plain (non-delta) elements are rotated left by one bit before the 
 _KNOWN_FLAGS = ROT
 
 _NBASES = {RAW: 0, ZSTD: 0, PLANES: 0, XOR: 1, SUB: 1, LIN2: 2}
+# every codec id this module decodes, with the name stats and CLI show
+CODEC_NAMES = {RAW: "raw", ZSTD: "zstd", PLANES: "planes", XOR: "xor-delta", SUB: "sub-delta", LIN2: "lin2"}
 
 # Explicit little-endian, so payloads (integer deltas, rotations) mean the same on any host.
 _UINT = {w: np.dtype(f"<u{w}") for w in (1, 2, 4, 8)}

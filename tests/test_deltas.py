@@ -99,3 +99,14 @@ def test_stats_arithmetic(repo):
     assert sum(c["chunks"] for c in s["by_codec"].values()) == n
     assert abs(s["ratio"] - s["logical_bytes"] / s["stored_bytes"]) < 1e-12
     assert s["delta_chunks"] >= 2
+
+
+def test_record_with_unknown_codec_id_is_rejected():
+    import pytest
+
+    from coralfs.errors import FormatError
+
+    for codec in (6, 16, 63, 255):
+        rec = records.pack(codec, 4, 8, b"\x00" * 8)
+        with pytest.raises(FormatError):
+            records.parse_header(rec)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -166,9 +167,8 @@ class Ingestor:
         seen: set[bytes] = set()
         batch: list[tuple[bytes, bytes]] = []
         batch_bytes = 0
-        pending: list[tuple[bytes, Future[bytes], bool]] = []
+        pending: deque[tuple[bytes, Future[bytes]]] = deque()
         index_updates: dict[bytes, bytes] = {}
-        done = 0
 
         def flush() -> None:
             nonlocal batch, batch_bytes
@@ -179,7 +179,7 @@ class Ingestor:
         def drain(limit: int) -> None:
             nonlocal batch_bytes
             while len(pending) > limit:
-                cid, fut, _ = pending.pop(0)
+                cid, fut = pending.popleft()
                 rec = fut.result()
                 h = records.parse_header(rec)
                 cname = records.CODEC_NAMES[h.codec]
@@ -201,6 +201,8 @@ class Ingestor:
                     for i, (s, e) in enumerate(cuts):
                         raw = view[s:e]
                         cid = digest(raw)
+                        if progress is not None:
+                            progress(s, size)
                         pieces.append(Piece(e - s, cid))
                         stats.chunks += 1
                         if r.kind == "tensor":
@@ -219,11 +221,8 @@ class Ingestor:
                             fut = pool.submit(self._encode_job, raw, r.width, base)
                         else:
                             fut = pool.submit(records.encode_bytes, raw)
-                        pending.append((cid, fut, r.kind == "tensor"))
+                        pending.append((cid, fut))
                         drain(self.threads * 2)
-                        done = e
-                        if progress is not None:
-                            progress(done, size)
                 segments.append(Segment(r.kind, tuple(pieces), r.name, r.dtype, r.width, r.shape))
             drain(0)
         if progress is not None:

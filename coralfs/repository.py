@@ -16,7 +16,6 @@ import json
 import os
 import re
 import socket
-import stat as stat_mod
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -923,7 +922,3 @@ def serialize_checkpoint(obj: Any, fmt: str, metadata: dict[str, str] | None = N
         torch.save(obj, buf)
         return buf.getvalue()
     raise InvalidArgument(f"unknown checkpoint format {fmt!r} (use safetensors or pt)")
-
-
-def is_regular(st: os.stat_result) -> bool:
-    return stat_mod.S_ISREG(st.st_mode)

@@ -131,6 +131,17 @@ def _stdlib_bytes(n: int) -> bytes:
     return bytes(out[:n])
 
 
+
+def _train_step(model: nn.Module, opt: torch.optim.Optimizer, data: torch.Tensor, g: torch.Generator) -> float:
+    """One AdamW step of next-byte prediction on 8 random windows of ``data``; returns the loss."""
+    starts = torch.randint(0, len(data) - 129, (8,), generator=g)
+    batch = torch.stack([data[s:s + 129] for s in starts])
+    loss = nn.functional.cross_entropy(model(batch[:, :-1]).reshape(-1, 256), batch[:, 1:].reshape(-1))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item()
+
 def make_big_checkpoint(path: Path, steps: int = 3) -> Path:
     """Train ByteLM for a few AdamW steps on stdlib source; torch.save model + optimizer."""
     if path.exists():
@@ -142,13 +153,8 @@ def make_big_checkpoint(path: Path, steps: int = 3) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     g = torch.Generator().manual_seed(0)
     for step in range(steps):
-        starts = torch.randint(0, len(data) - 129, (8,), generator=g)
-        batch = torch.stack([data[s:s + 129] for s in starts])
-        loss = nn.functional.cross_entropy(model(batch[:, :-1]).reshape(-1, 256), batch[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        log(f"  step {step}: loss {loss.item():.3f}")
+        loss = _train_step(model, opt, data, g)
+        log(f"  step {step}: loss {loss:.3f}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": steps}, tmp)
@@ -402,12 +408,7 @@ def next_step(ckpt: dict[str, Any]) -> dict[str, Any]:
     opt.load_state_dict(ckpt["optimizer"])
     data = torch.frombuffer(bytearray(_stdlib_bytes(1 << 20)), dtype=torch.uint8).long()
     g = torch.Generator().manual_seed(ckpt["step"])
-    starts = torch.randint(0, len(data) - 129, (8,), generator=g)
-    batch = torch.stack([data[s:s + 129] for s in starts])
-    loss = nn.functional.cross_entropy(model(batch[:, :-1]).reshape(-1, 256), batch[:, 1:].reshape(-1))
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
+    _train_step(model, opt, data, g)
     return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": ckpt["step"] + 1}
 
 

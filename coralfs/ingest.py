@@ -31,9 +31,9 @@ from coralfs.objects import Manifest, Piece, Segment
 from coralfs.objectstore import ObjectStore
 from coralfs.store import Txn
 
-# Tensor piece size. Measured on the fine-tune series (12 x 91 MB fp32 / 45 MB bf16):
-# 1 MiB vs 4 MiB stores +0.06% bytes, ingests at the same speed, and reads the newest
-# version 1.37x faster (more pieces decode in parallel along their delta chains).
+# Tensor piece size. Measured with bench/piece_size.py (bench/RESULTS.md), 1 MiB vs 4 MiB:
+# +0.06% bytes, same ingest time, the newest fp32 fine-tune version read in 0.43-0.45 s
+# instead of 0.50-0.60 s (more pieces decode in parallel along their chains); bf16 unchanged.
 CHUNK_TARGET = 1 << 20
 INLINE_MAX = 1024
 CDC_MIN, CDC_AVG, CDC_MAX = 256 << 10, 1 << 20, 4 << 20

@@ -23,6 +23,7 @@ import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import zstandard
 
@@ -116,8 +117,10 @@ def encode_tensor(raw: bytes | memoryview, width: int, base: tuple[bytes, bytes]
     return pack(codec, width, len(raw), payload, bases, depth, gen)
 
 
-def decode(value: bytes | memoryview, load_base: Callable[[bytes], bytes]) -> bytes:
-    """Decode a record; ``load_base(chunk_id)`` returns a base chunk's decoded bytes."""
+def decode(value: bytes | memoryview, load_base: Callable[[bytes], Any], as_array: bool = False) -> Any:
+    """Decode a record; ``load_base(chunk_id)`` returns a base chunk's decoded bytes (or a
+    uint8 array). Returns ``bytes``, or with ``as_array`` possibly a uint8 numpy array (for
+    a result that is only another chunk's base: saves a copy)."""
     h = parse_header(value)
     payload = memoryview(value)[h.payload_offset :]
     if h.codec == RAW:
@@ -131,7 +134,8 @@ def decode(value: bytes | memoryview, load_base: Callable[[bytes], bytes]) -> by
         bases = [load_base(b) for b in h.bases]
         try:
             out = tensorcodec.decode(h.codec, payload, h.raw_len, h.width,  # type: ignore[arg-type]
-                                     bases[0] if bases else None, bases[1] if len(bases) > 1 else None)
+                                     bases[0] if bases else None, bases[1] if len(bases) > 1 else None,
+                                     as_array=as_array)
         except (ValueError, zstandard.ZstdError) as e:
             raise FormatError(f"{CODEC_NAMES[h.codec]}: {e}") from e
     if len(out) != h.raw_len:

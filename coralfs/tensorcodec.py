@@ -441,10 +441,13 @@ def decode(
     payload: bytes,
     raw_len: int,
     width: int,
-    base: bytes | None = None,
-    base2: bytes | None = None,
-) -> bytes:
-    """Exact inverse of ``encode``. For codec 0 the caller passes the raw bytes as payload."""
+    base: bytes | np.ndarray | None = None,
+    base2: bytes | np.ndarray | None = None,
+    as_array: bool = False,
+) -> bytes | np.ndarray:
+    """Exact inverse of ``encode``. For codec 0 the caller passes the raw bytes as payload.
+    ``as_array``: a plane codec returns its uint8 array as is (no copy into ``bytes``); for
+    a decode whose result only serves as another chunk's base."""
     if codec_id == RAW:
         if len(payload) != raw_len:
             raise FormatError("raw tensor chunk has the wrong length")
@@ -516,4 +519,4 @@ def decode(
     if tail_len:
         out[n * w :] = np.frombuffer(buf[pos:], dtype=np.uint8)
     _inverse_(codec_id, flags, out[: n * w].view(dt), b1, b2)
-    return out.tobytes()
+    return out if as_array else out.tobytes()

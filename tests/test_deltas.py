@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 from safetensors.torch import save
 
@@ -110,3 +111,32 @@ def test_record_with_unknown_codec_id_is_rejected():
         rec = records.pack(codec, 4, 8, b"\x00" * 8)
         with pytest.raises(FormatError):
             records.parse_header(rec)
+
+
+def test_corrupt_base_deep_in_a_chain_never_gives_wrong_bytes(repo):
+    """Bases of a chain are decoded unverified (only the chunk on top is hashed): a corrupt
+    middle version must still end in IntegrityError for the newest, never in wrong bytes."""
+    from coralfs.errors import IntegrityError
+
+    torch.manual_seed(0)
+    w = torch.randn(256, 256)
+    datas = []
+    for v in range(4):
+        w = _finetune(w, v)
+        datas.append(save({"w": w}))
+        repo.add([_write(repo, "m.safetensors", datas[-1])])
+        repo.commit(f"v{v}")
+    h = _header(repo, "HEAD", "m.safetensors", "w")
+    assert h.bases, "the newest version should be a delta"
+    mid = h.bases[0]
+    rec = bytearray(repo.objects.chunk_record(mid))
+    hm = records.parse_header(bytes(rec))
+    rec[hm.payload_offset + (len(rec) - hm.payload_offset) // 2] ^= 0x10  # a bit deep in the payload
+    repo.store.write(lambda t: t.put("chunks", mid, bytes(rec)))
+    repo.objects.chunk_cache.clear()
+    with pytest.raises(IntegrityError):
+        repo.open("HEAD", "m.safetensors").read()
+    assert repo.objects.chunk_cache.get(mid) is None  # nothing unverified was cached
+    # the versions below the corrupt one still read back exactly
+    first = repo.log()[-1][0]
+    assert sha256(repo.open(first, "m.safetensors").read()) == sha256(datas[0])

@@ -40,6 +40,7 @@ import threading
 import numpy as np
 import zstandard
 
+from coralfs import kernels
 from coralfs.errors import FormatError
 
 RAW = 0
@@ -55,6 +56,7 @@ FORMAT = 1
 ROT = 0x01  # plain (non-delta) elements are rotated left by one bit before the plane split
 _KNOWN_FLAGS = ROT
 
+_KERNEL_OP = {PLANES: kernels.OP_NONE, XOR: kernels.OP_XOR, SUB: kernels.OP_SUB, LIN2: kernels.OP_LIN2}
 _NBASES = {RAW: 0, ZSTD: 0, PLANES: 0, XOR: 1, SUB: 1, LIN2: 2}
 # every codec id this module decodes, with the name stats and CLI show
 CODEC_NAMES = {RAW: "raw", ZSTD: "zstd", PLANES: "planes", XOR: "xor-delta", SUB: "sub-delta", LIN2: "lin2"}
@@ -246,6 +248,11 @@ def _split_planes(r: np.ndarray, w: int) -> np.ndarray:
     b = r.view(np.uint8)
     if w == 1:
         return b.reshape(1, -1)
+    k = kernels.get()
+    if k is not None and len(r) and r.flags.aligned and r.flags.c_contiguous:
+        planes = np.empty((w, len(r)), dtype=np.uint8)
+        k.split[w](r, planes)
+        return planes
     return np.ascontiguousarray(b.reshape(-1, w).T)
 
 
@@ -501,9 +508,9 @@ def decode(
         raise FormatError("tensor payload has the wrong length")
 
     out = np.empty(raw_len, dtype=np.uint8)
-    body = out[: n * w].reshape(n, w)
     dctx = _dctx()
-    for k, (mode, size) in enumerate(dirs):
+    planes = []
+    for mode, size in dirs:
         data = buf[pos : pos + size]
         pos += size
         if mode == _MODE_ZSTD:
@@ -515,8 +522,19 @@ def decode(
             raise FormatError(f"unknown plane mode {mode}")
         if len(data) != n:
             raise FormatError("tensor plane has the wrong length")
-        body[:, k] = np.frombuffer(data, dtype=np.uint8)
+        plane = np.frombuffer(data, dtype=np.uint8)
+        plane.flags.writeable = False  # one compiled signature for raw and zstd planes
+        planes.append(plane)
     if tail_len:
         out[n * w :] = np.frombuffer(buf[pos:], dtype=np.uint8)
-    _inverse_(codec_id, flags, out[: n * w].view(dt), b1, b2)
+    x = out[: n * w].view(dt)
+    k = kernels.get()
+    if k is not None and w > 1 and n:
+        k.unshuffle[w](*planes, x)
+        k.inverse(x, _KERNEL_OP[codec_id], bool(flags & ROT), kernels.base(b1, w), kernels.base(b2, w))
+    else:
+        body = out[: n * w].reshape(n, w)
+        for i, plane in enumerate(planes):
+            body[:, i] = plane
+        _inverse_(codec_id, flags, x, b1, b2)
     return out if as_array else out.tobytes()

@@ -8,7 +8,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "coralfs"
 
 LAYERS: list[set[str]] = [
-    {"errors", "hashing", "tensorcodec"},
+    {"errors", "hashing", "kernels", "tensorcodec"},
     {"records"},
     {"store"},
     {"objects", "refs", "formats", "objectstore", "ingest", "reader"},

@@ -12,12 +12,13 @@ numba compiles on first use and caches the machine code next to this file (or in
 user's cache directory when that is not writable): the very first use on a machine pays
 the compile (a few seconds), every later process ~0.5 s of CPU to load it. So only
 long-lived processes load them: the mount daemon (it starts loading them at once and
-reports "mounted" when they are ready), any process with ``CORALFS_JIT=1``. ``CORALFS_JIT=0`` means numpy
-only everywhere; without numba installed that is what happens anyway.
+reports "mounted" when they are ready), any process with ``CORALFS_JIT=1``.
+``CORALFS_JIT=0`` means numpy only everywhere; so does a missing or broken numba.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any
@@ -151,9 +152,10 @@ def load() -> Any:
                     _loaded = k
                 except ImportError:
                     _loaded = False
-                except Exception:  # a broken numba install must not break reading: numpy it is
+                except Exception as e:  # a broken numba install must not break reading: numpy it is
+                    logging.getLogger(__name__).warning("compiled decode loops unavailable (%s: %s); using numpy",
+                                                        type(e).__name__, e)
                     _loaded = False
-                    raise
                 finally:
                     _done.set()
     return _loaded or None

@@ -172,10 +172,11 @@ class ObjectStore:
     def _base(self, cid: bytes, depth: int, memo: dict[bytes, Any]) -> Any:
         """A delta base while decoding a chain: the verified cached chunk when there is one,
         else decoded here as a plain array, neither hashed nor cached. Intermediate versions
-        of a chain are rarely wanted for themselves; skipping their copy, hash and cache entry
-        cut a warm read of the newest scratch_pt version (5 decodes per piece) from 0.37 to
-        0.29 s (/tmp probe recorded in bench/RESULTS.md). Nothing unverified is ever served: the chunk decoded on top is verified against its id, so a bad base can
-        only end in IntegrityError. ``memo`` shares a base between the two a record may name."""
+        of a chain are rarely wanted for themselves; skipping their copy, hash and cache
+        entry cut a warm read of the newest scratch_pt version (up to 5 decodes per piece)
+        from 0.37 to 0.29 s (bench/RESULTS.md, second session). Nothing unverified is ever
+        served: the chunk decoded on top is verified against its id, so a bad base can only
+        end in IntegrityError. ``memo`` shares a base between the two a record may name."""
         data = self.chunk_cache.get(cid)
         if data is not None:
             return data

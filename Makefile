@@ -39,6 +39,7 @@ bench: install
 	$(PYTHON) -m bench.storage
 	$(PYTHON) -m bench.mount
 	$(PYTHON) -m bench.decode
+	$(PYTHON) -m bench.chain_shape
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,194 @@
+"""What reverse deltas would cost: the shipped forward chains vs "the newest version is a keyframe".
+
+The mount's read targets (issue 4) want the newest version of a series to read about as
+fast as the oldest. With forward deltas (shipped: each version a delta against the one
+before, two-level chains of depth <= 4, keyframe every 16) the newest is the most
+expensive version to read. The alternative is reverse deltas: the newest version is a
+keyframe, each older version a delta against the version after it (re-encoded when a
+newer version arrives), with a keyframe every ``K`` versions counted back from the head
+to bound the depth of old versions.
+
+This script measures, on real series from ``bench/corpus.py``, for the tensor pieces
+(1 MiB, as ingest cuts them):
+
+* forward, shipped: stored bytes from a real ingest, and the records (and their bytes) a
+  read of the newest and of the oldest version must decode;
+* reverse, K in ``--keyframes``: stored bytes when each older piece is encoded with the
+  shipped codec choice against the next version (and, for the two-base predictor, the one
+  after it), and the records a read of the newest/oldest needs; plus the encodes per piece
+  a commit would need (a keyframe for the new head, the previous head re-encoded as a
+  delta, the one before re-encoded with the two-base predictor).
+
+Nothing here changes the repository format; it is the evidence for (or against) doing so.
+
+Usage::
+
+    python bench/chain_shape.py [--series finetune_fp32,scratch_pt] [--keyframes 4,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from coralfs import records, tensorcodec  # noqa: E402
+from coralfs.formats import split  # noqa: E402
+from coralfs.hashing import digest  # noqa: E402
+from coralfs.ingest import CHUNK_TARGET, MappedFile  # noqa: E402
+from coralfs.repository import Repository  # noqa: E402
+
+
+def tensor_pieces(view: memoryview, name: str) -> list[tuple[str, int, int, int]]:
+    """(tensor name, width, start, end) of each 1 MiB tensor piece, as ingest cuts them."""
+    _, regions = split(view, name)
+    out = []
+    for r in regions:
+        if r.kind != "tensor":
+            continue
+        step = max(r.width, CHUNK_TARGET - CHUNK_TARGET % r.width)
+        for s in range(r.start, r.end, step):
+            out.append((f"{r.name}#{(s - r.start) // step}", r.width, s, min(s + step, r.end)))
+    return out
+
+
+def forward(files: list[Path]) -> dict[str, float]:
+    """Ingest the series for real (shipped policy); stored tensor bytes and read costs."""
+    with tempfile.TemporaryDirectory() as d:
+        repo = Repository.init(d)
+        try:
+            prev = None
+            entries = []
+            t = time.perf_counter()
+            for f in files:
+                prev, _ = repo.ingest_file(f, "m", prev)
+                entries.append(prev)
+            secs = time.perf_counter() - t
+            stored, seen = 0, set()
+            for e in entries:
+                for seg in repo.get_manifest(e.manifest).segments:
+                    if seg.kind != "tensor":
+                        continue
+                    for p in seg.pieces:
+                        if p.chunk is not None and p.chunk not in seen:
+                            seen.add(p.chunk)
+                            stored += len(repo.objects.chunk_record(p.chunk))
+
+            def read_cost(e) -> tuple[int, int]:
+                n, b, todo, done = 0, 0, [], set()
+                for seg in repo.get_manifest(e.manifest).segments:
+                    if seg.kind == "tensor":
+                        todo.extend(p.chunk for p in seg.pieces if p.chunk is not None)
+                while todo:
+                    c = todo.pop()
+                    if c in done:
+                        continue
+                    done.add(c)
+                    rec = repo.objects.chunk_record(c)
+                    n += 1
+                    b += len(rec)
+                    todo.extend(records.parse_header(rec).bases)
+                return n, b
+
+            newest, oldest = read_cost(entries[-1]), read_cost(entries[0])
+        finally:
+            repo.close()
+    return {"stored": stored, "newest_records": newest[0], "newest_bytes": newest[1],
+            "oldest_records": oldest[0], "oldest_bytes": oldest[1], "encodes_per_commit": 1.0, "ingest_s": secs}
+
+
+def reverse(files: list[Path], keyframe_every: int) -> dict[str, float]:
+    """Stored bytes and read costs with the newest version as keyframe and reverse deltas."""
+    maps = [MappedFile(f) for f in files]
+    try:
+        views = [m.view for m in maps]
+        cuts = [dict((k, (w, s, e)) for k, w, s, e in tensor_pieces(v, f.name)) for v, f in zip(views, files, strict=True)]
+        head = len(files) - 1
+        stored = 0
+        # per version: records (and bytes) a read decodes; record sizes by (piece, version)
+        size: dict[tuple[str, int], int] = {}
+        base_of: dict[tuple[str, int], tuple[int, ...]] = {}
+        seen_ids: set[bytes] = set()
+        for key, (w, _, _) in cuts[head].items():
+            data = [bytes(views[v][cuts[v][key][1]:cuts[v][key][2]]) if key in cuts[v] else None
+                    for v in range(len(files))]
+            for v in range(head, -1, -1):
+                raw = data[v]
+                if raw is None:
+                    continue
+                cid = digest(raw)
+                if cid in seen_ids:  # identical to a version already stored: a dedup hit
+                    size[(key, v)] = 0
+                    base_of[(key, v)] = ()
+                    continue
+                seen_ids.add(cid)
+                keyframe = (head - v) % keyframe_every == 0 or data[v + 1] is None
+                b1 = None if keyframe else data[v + 1]
+                b2 = data[v + 2] if not keyframe and v + 2 <= head and (head - v - 1) % keyframe_every else None
+                codec, payload = tensorcodec.encode(raw, w, b1, b2)
+                nb = tensorcodec.uses_bases(codec)
+                size[(key, v)] = records.HEADER_LEN + 32 * nb + (len(raw) if codec == tensorcodec.RAW else len(payload))
+                base_of[(key, v)] = tuple(v + 1 + i for i in range(nb))
+                stored += size[(key, v)]
+
+        def read_cost(version: int) -> tuple[int, int]:
+            n = b = 0
+            for key in cuts[version]:
+                todo, done = [version], set()
+                while todo:
+                    v = todo.pop()
+                    if v in done or (key, v) not in size:
+                        continue
+                    done.add(v)
+                    n += 1
+                    b += size[(key, v)]
+                    todo.extend(base_of[(key, v)])
+            return n, b
+
+        newest, oldest = read_cost(head), read_cost(0)
+    finally:
+        for m in maps:
+            m.close()
+    return {"stored": stored, "newest_records": newest[0], "newest_bytes": newest[1],
+            "oldest_records": oldest[0], "oldest_bytes": oldest[1], "encodes_per_commit": 3.0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--series", default="finetune_fp32,scratch_pt")
+    p.add_argument("--keyframes", default="4,16", help="reverse: a keyframe every K versions back from the head")
+    args = p.parse_args(argv)
+    from bench.corpus import ensure_corpus
+
+    names = args.series.split(",")
+    corpus = ensure_corpus(only=names)
+    rows = []
+    for name in names:
+        files = list(corpus[name])
+        results = [("forward (shipped)", forward(files))]
+        for k in (int(x) for x in args.keyframes.split(",")):
+            results.append((f"reverse, keyframe every {k}", reverse(files, k)))
+        for policy, r in results:
+            rows.append((name, policy, f"{r['stored'] / 1e6:.1f} MB",
+                         f"{r['newest_records']} ({r['newest_bytes'] / 1e6:.0f} MB)",
+                         f"{r['oldest_records']} ({r['oldest_bytes'] / 1e6:.0f} MB)",
+                         f"{r['newest_bytes'] / max(1, r['oldest_bytes']):.2f}x",
+                         f"{r['encodes_per_commit']:.0f}"))
+    head = ("series", "chains", "tensor records stored", "newest: records (bytes)", "oldest: records (bytes)",
+            "newest/oldest bytes", "encodes per piece per commit")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [head, *rows]]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    print("\n".join(lines))
+    print(f"\n{len(files)} versions per series; tensor pieces only (the rest is the same either way); reverse "
+          "sizes are the shipped codec choice per piece (tensorcodec.encode) against the next version(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

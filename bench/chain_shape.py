@@ -13,7 +13,8 @@ This script measures, on real series from ``bench/corpus.py``, for the tensor pi
 
 * forward, shipped: stored bytes from a real ingest, and the records (and their bytes) a
   read of the newest and of the oldest version must decode;
-* reverse, K in ``--keyframes``: stored bytes when each older piece is encoded with the
+* reverse, K in ``--keyframes`` (and the largest K with the first version kept a
+  keyframe too, so both ends are shallow): stored bytes when each older piece is encoded with the
   shipped codec choice against the next version (and, for the two-base predictor, the one
   after it), and the records a read of the newest/oldest needs; plus the encodes per piece
   a commit would need (a keyframe for the new head, the previous head re-encoded as a
@@ -102,8 +103,9 @@ def forward(files: list[Path]) -> dict[str, float]:
             "oldest_records": oldest[0], "oldest_bytes": oldest[1], "encodes_per_commit": 1.0, "ingest_s": secs}
 
 
-def reverse(files: list[Path], keyframe_every: int) -> dict[str, float]:
-    """Stored bytes and read costs with the newest version as keyframe and reverse deltas."""
+def reverse(files: list[Path], keyframe_every: int, keep_first: bool = False) -> dict[str, float]:
+    """Stored bytes and read costs with the newest version as keyframe and reverse deltas
+    (``keep_first``: the first version also stays a keyframe, so both ends read shallow)."""
     maps = [MappedFile(f) for f in files]
     try:
         views = [m.view for m in maps]
@@ -127,9 +129,12 @@ def reverse(files: list[Path], keyframe_every: int) -> dict[str, float]:
                     base_of[(key, v)] = ()
                     continue
                 seen_ids.add(cid)
-                keyframe = (head - v) % keyframe_every == 0 or data[v + 1] is None
+                def is_key(x: int) -> bool:
+                    return (head - x) % keyframe_every == 0 or (keep_first and x == 0)
+
+                keyframe = is_key(v) or data[v + 1] is None
                 b1 = None if keyframe else data[v + 1]
-                b2 = data[v + 2] if not keyframe and v + 2 <= head and (head - v - 1) % keyframe_every else None
+                b2 = data[v + 2] if not keyframe and v + 2 <= head and not is_key(v + 1) else None
                 codec, payload = tensorcodec.encode(raw, w, b1, b2)
                 nb = tensorcodec.uses_bases(codec)
                 size[(key, v)] = records.HEADER_LEN + 32 * nb + (len(raw) if codec == tensorcodec.RAW else len(payload))
@@ -173,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         results = [("forward (shipped)", forward(files))]
         for k in (int(x) for x in args.keyframes.split(",")):
             results.append((f"reverse, keyframe every {k}", reverse(files, k)))
+        k = max(int(x) for x in args.keyframes.split(","))
+        results.append((f"reverse, every {k} + first kept", reverse(files, k, keep_first=True)))
         for policy, r in results:
             rows.append((name, policy, f"{r['stored'] / 1e6:.1f} MB",
                          f"{r['newest_records']} ({r['newest_bytes'] / 1e6:.0f} MB)",

@@ -81,20 +81,9 @@ def forward(files: list[Path]) -> dict[str, float]:
                             stored += len(repo.objects.chunk_record(p.chunk))
 
             def read_cost(e) -> tuple[int, int]:
-                n, b, todo, done = 0, 0, [], set()
-                for seg in repo.get_manifest(e.manifest).segments:
-                    if seg.kind == "tensor":
-                        todo.extend(p.chunk for p in seg.pieces if p.chunk is not None)
-                while todo:
-                    c = todo.pop()
-                    if c in done:
-                        continue
-                    done.add(c)
-                    rec = repo.objects.chunk_record(c)
-                    n += 1
-                    b += len(rec)
-                    todo.extend(records.parse_header(rec).bases)
-                return n, b
+                need = repo.objects.chain_records(p.chunk for seg in repo.get_manifest(e.manifest).segments
+                                                  if seg.kind == "tensor" for p in seg.pieces if p.chunk is not None)
+                return len(need), sum(need.values())
 
             newest, oldest = read_cost(entries[-1]), read_cost(entries[0])
         finally:

@@ -58,17 +58,8 @@ while True:
 dt = time.perf_counter() - t
 r1 = disk_read()
 # the records the read needed: every chunk of the file and its delta bases, once each
-from coralfs import records
-need, seen, todo = 0, set(), [p.chunk for p in f._view._pieces if p.chunk is not None]
-while todo:
-    cid = todo.pop()
-    if cid in seen:
-        continue
-    seen.add(cid)
-    rec = repo.objects.chunk_record(cid)
-    need += len(rec)
-    todo.extend(records.parse_header(rec).bases)
-print(sink, dt, r1 - r0, need, len(seen))
+need = repo.objects.chain_records(p.chunk for _, p in f._view.chunks() if p.chunk is not None)
+print(sink, dt, r1 - r0, sum(need.values()), len(need))
 """
 
 

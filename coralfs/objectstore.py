@@ -96,6 +96,23 @@ class ObjectStore:
                 raise MissingObject(f"chunk {cid.hex()} is missing")
             return records.parse_header(bytes(v[: records.HEADER_LEN + 2 * 32]))
 
+    def chain_records(self, cids: Iterable[bytes]) -> dict[bytes, int]:
+        """Every chunk decoding ``cids`` touches (they and their delta bases, transitively),
+        with the stored size of its record: what a cold read of them has to fetch."""
+        out: dict[bytes, int] = {}
+        todo = list(cids)
+        with self.store.read(buffers=True) as t:
+            while todo:
+                cid = todo.pop()
+                if cid in out:
+                    continue
+                v = t.get("chunks", cid)
+                if v is None:
+                    raise MissingObject(f"chunk {cid.hex()} is missing")
+                out[cid] = len(v)
+                todo.extend(records.parse_header(bytes(v[: records.HEADER_LEN + 2 * 32])).bases)
+        return out
+
     def get_chunk(self, cid: bytes, _depth: int = 0) -> bytes:
         """A chunk's decoded, verified bytes. Concurrent callers asking for one chunk share
         one decode (readers often ask for several ranges of one chunk at once)."""

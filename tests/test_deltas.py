@@ -140,3 +140,20 @@ def test_corrupt_base_deep_in_a_chain_never_gives_wrong_bytes(repo):
     # the versions below the corrupt one still read back exactly
     first = repo.log()[-1][0]
     assert sha256(repo.open(first, "m.safetensors").read()) == sha256(datas[0])
+
+
+def test_chain_records_lists_a_chunk_and_all_its_bases(repo):
+    torch.manual_seed(1)
+    w = torch.randn(256, 256)
+    for v in range(3):
+        w = _finetune(w, v)
+        repo.add([_write(repo, "m.safetensors", save({"w": w}))])
+        repo.commit(f"v{v}")
+    top = repo.get_manifest(repo.entry("HEAD", "m.safetensors").manifest).tensors()["w"].pieces[0].chunk
+    need = repo.objects.chain_records([top])
+    expect, todo = {}, [top]
+    while todo:  # the chain, walked header by header
+        c = todo.pop()
+        expect[c] = len(repo.objects.chunk_record(c))
+        todo.extend(repo.objects.chunk_header(c).bases)
+    assert need == expect and len(need) >= 2  # the newest version is a delta: its base is listed

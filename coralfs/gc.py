@@ -45,14 +45,13 @@ pages, see its docstring for the rules that keep it safe.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -221,11 +220,11 @@ class Marker:
             if cid in seen:
                 continue
             seen.add(cid)
-            v = t.txn.get(cid, db=t.dbs["chunks"])
+            v = t.peek("chunks", cid, _HDR_PEEK)
             if v is None:
                 continue
             try:
-                h = records.parse_header(bytes(v[:_HDR_PEEK]))
+                h = records.parse_header(v[0])
             except CoralError:
                 continue
             for b in h.bases:
@@ -236,37 +235,10 @@ class Marker:
         return added
 
 
-class _SnapTxn(Txn):
-    """A Txn over a ``buffers=True`` transaction whose ``get`` still returns bytes."""
-
-    def get(self, db: str, key: bytes) -> bytes | None:
-        v = self.txn.get(key, db=self.dbs[db])
-        return None if v is None else bytes(v)
-
-    def items(self, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
-        with self.txn.cursor(db=self.dbs[db]) as cur:
-            if not cur.set_range(prefix):
-                return
-            for k, v in cur:
-                k = bytes(k)
-                if not k.startswith(prefix):
-                    break
-                yield k, bytes(v)
-
-
-@contextlib.contextmanager
-def _raw_read(repo: Repository) -> Iterator[Any]:
-    """A read transaction that returns buffers (no copy of big values)."""
-    with repo.store.env.begin(buffers=True) as txn:
-        yield txn
-
-
 def _peek_header(repo: Repository, cid: bytes) -> records.RecordHeader | None:
-    with _raw_read(repo) as txn:
-        v = txn.get(cid, db=repo.store.dbs["chunks"])
-        if v is None:
-            return None
-        return records.parse_header(bytes(v[:_HDR_PEEK]))
+    with repo.store.read() as t:
+        v = t.peek("chunks", cid, _HDR_PEEK)
+    return None if v is None else records.parse_header(v[0])
 
 
 # ------------------------------------------------------------------ LMDB info
@@ -341,28 +313,26 @@ def _gc_locked(repo: Repository, dry_run: bool, grace: float, batch_keys: int, b
     dead_objects: list[tuple[bytes, int]] = []
     dead_index: list[bytes] = []
     reencode: list[tuple[int, bytes]] = []
-    with _raw_read(repo) as txn:
-        marker.mark_roots(_SnapTxn(txn, repo.store.dbs, False))
-        for k, v in txn.cursor(db=repo.store.dbs["objects"]):
+    with repo.store.read() as t:
+        marker.mark_roots(t)
+        for oid, size, _ in t.scan("objects", 0):
             stats.objects_total += 1
-            if bytes(k) not in marker.objects:
-                dead_objects.append((bytes(k), len(v)))
-        for k, v in txn.cursor(db=repo.store.dbs["chunks"]):
+            if oid not in marker.objects:
+                dead_objects.append((oid, size))
+        for cid, size, head in t.scan("chunks", _HDR_PEEK):  # record headers only
             stats.chunks_total += 1
-            cid = bytes(k)
             if cid not in marker.chunks:
-                dead_chunks.append((cid, len(v)))
+                dead_chunks.append((cid, size))
                 continue
             try:
-                h = records.parse_header(bytes(v[:_HDR_PEEK]))
+                h = records.parse_header(head)
             except CoralError as e:
                 stats.problems.append(f"reachable chunk {cid.hex()[:16]} has a bad header: {e}")
                 continue
             if any(b not in marker.chunks for b in h.bases):
                 reencode.append((h.depth, cid))
-        for k, v in txn.cursor(db=repo.store.dbs["index"]):
-            key = bytes(k)
-            if not _index_live(key, bytes(v), marker):
+        for key, v in t.items("index"):
+            if not _index_live(key, v, marker):
                 dead_index.append(key)
     stats.commits = marker.commits
     say(f"marked {marker.commits} commits, {len(marker.objects)} objects, {len(marker.chunks)} chunks")

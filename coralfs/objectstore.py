@@ -90,27 +90,27 @@ class ObjectStore:
         return v
 
     def chunk_header(self, cid: bytes) -> records.RecordHeader:
-        with self.store.read(buffers=True) as t:  # zero-copy: only the header is read
-            v = t.get("chunks", cid)
-            if v is None:
-                raise MissingObject(f"chunk {cid.hex()} is missing")
-            return records.parse_header(bytes(v[: records.HEADER_LEN + 2 * 32]))
+        with self.store.read() as t:
+            v = t.peek("chunks", cid, records.HEADER_LEN + 2 * 32)  # only the header is read
+        if v is None:
+            raise MissingObject(f"chunk {cid.hex()} is missing")
+        return records.parse_header(v[0])
 
     def chain_records(self, cids: Iterable[bytes]) -> dict[bytes, int]:
         """Every chunk decoding ``cids`` touches (they and their delta bases, transitively),
         with the stored size of its record: what a cold read of them has to fetch."""
         out: dict[bytes, int] = {}
         todo = list(cids)
-        with self.store.read(buffers=True) as t:
+        with self.store.read() as t:
             while todo:
                 cid = todo.pop()
                 if cid in out:
                     continue
-                v = t.get("chunks", cid)
+                v = t.peek("chunks", cid, records.HEADER_LEN + 2 * 32)
                 if v is None:
                     raise MissingObject(f"chunk {cid.hex()} is missing")
-                out[cid] = len(v)
-                todo.extend(records.parse_header(bytes(v[: records.HEADER_LEN + 2 * 32])).bases)
+                out[cid] = v[1]
+                todo.extend(records.parse_header(v[0]).bases)
         return out
 
     def get_chunk(self, cid: bytes, _depth: int = 0) -> bytes:
@@ -165,8 +165,8 @@ class ObjectStore:
             raise FormatError("delta chain too deep (a cycle?)")
         for attempt in (0, 1):
             try:
-                # decode straight from LMDB's map (no copy of the record); bases are fetched
-                # in their own short transactions
+                # the record is read with one exact pread (store.Txn); bases are fetched in
+                # their own short transactions
                 memo: dict[bytes, Any] = {}
                 with self.store.read(buffers=True) as t:
                     record = t.get("chunks", cid)

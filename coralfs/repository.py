@@ -861,13 +861,13 @@ class Repository:
         delta = 0
         with self.store.read() as t:
             n_chunks = 0
-            for _, v in t.items("chunks"):
-                h = records.parse_header(v)
+            for _, size, head in t.scan("chunks", records.HEADER_LEN + 2 * 32):  # headers only
+                h = records.parse_header(head)
                 d = by_codec.setdefault(records.CODEC_NAMES[h.codec], {"chunks": 0, "raw": 0, "stored": 0})
                 d["chunks"] += 1
                 d["raw"] += h.raw_len
-                d["stored"] += len(v)
-                stored_chunks += len(v)
+                d["stored"] += size
+                stored_chunks += size
                 n_chunks += 1
                 delta += 1 if h.bases else 0
             objects_bytes = sum(len(v) for _, v in t.items("objects"))

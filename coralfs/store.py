@@ -15,12 +15,15 @@ kept short so a long-lived process (the mount) never pins old pages.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import lmdb
+import numpy as np
 
 from coralfs.errors import ConcurrentUpdate, CoralError
 
@@ -31,16 +34,92 @@ _OPEN: dict[tuple[int, str], list] = {}
 _OPEN_LOCK = threading.Lock()
 
 
-class Txn:
-    """A transaction with the named databases at hand."""
+# LMDB 0.9's on-disk layout, for reading values with pread (see Txn._value)
+_NODE = struct.Struct("<HHHH")  # MDB_node: mn_lo, mn_hi (data size), mn_flags, mn_ksize
+_PAGE = struct.Struct("<QHHI")  # MDB_page header: mp_pgno, mp_pad, mp_flags, mp_pages (overflow)
+_F_BIGDATA = 0x01
+_P_OVERFLOW = 0x04
+_PREAD_OK = lmdb.version()[:2] == (0, 9)
 
-    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database], write: bool) -> None:
+
+class Txn:
+    """A transaction with the named databases at hand.
+
+    Values LMDB keeps on their own overflow pages (anything over ~2 KB: chunk records,
+    manifests) are read in read transactions with one ``pread`` of exactly their bytes,
+    not through LMDB's memory map. Through the map, py-lmdb touches every page of a value
+    inside ``get``, and the kernel answers each first touch of a page with read-around
+    (``read_ahead_kb``: 8 MiB on this project's VM), so a cold read pulled 2.3-4.9x the
+    record bytes it needed from disk (bench/RESULTS.md). The map is opened MADV_RANDOM
+    (B-tree pages come in 4 KiB at a time) and a value's place is read from its leaf node;
+    its overflow-page header is checked before the bytes are trusted, and anything
+    unexpected falls back to the map. The read transaction keeps those pages from being
+    reused while it is open. Write transactions always read through the map (their own
+    dirty pages are not in the file yet)."""
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database], write: bool,
+                 buffers: bool = False, fd: int = -1, psize: int = 4096) -> None:
         self.txn = txn
         self.dbs = dbs
         self.write = write
+        self._buffers = buffers  # callers get zero-copy views (valid inside the transaction)
+        self._fd = fd if not write and _PREAD_OK else -1
+        self._psize = psize
+
+    def _locate(self, cur: lmdb.Cursor) -> tuple[int, int] | None:
+        """``(file offset of the first overflow page, value length)`` for the cursor's entry,
+        read from its leaf node without touching the value; None for a value kept in the leaf."""
+        k = cur.key()  # a view of the key inside the leaf page
+        addr = np.frombuffer(k, dtype=np.uint8).ctypes.data
+        lo, hi, flags, ksize = _NODE.unpack(ctypes.string_at(addr - _NODE.size, _NODE.size))
+        if ksize != len(k) or not flags & _F_BIGDATA:
+            return None
+        pgno = int.from_bytes(ctypes.string_at(addr + ksize, 8), "little")
+        return pgno * self._psize, lo | hi << 16
+
+    def _value(self, cur: lmdb.Cursor, limit: int | None = None) -> tuple[bytes | memoryview, int]:
+        """The cursor's value (at most ``limit`` bytes of it) and its full length."""
+        if self._fd >= 0:
+            loc = self._locate(cur)
+            if loc is not None:
+                off, n = loc
+                want = n if limit is None else min(n, limit)
+                data = os.pread(self._fd, _PAGE.size + want, off)
+                if len(data) == _PAGE.size + want:
+                    pgno, _, flags, pages = _PAGE.unpack_from(data)
+                    if pgno * self._psize == off and flags & _P_OVERFLOW and pages * self._psize >= _PAGE.size + n:
+                        view = memoryview(data)[_PAGE.size :]
+                        return (view if self._buffers else view.tobytes()), n
+        v = cur.value()
+        n = len(v)
+        if limit is not None:
+            v = v[:limit]
+        return (v if self._buffers or isinstance(v, bytes) else bytes(v)), n
 
     def get(self, db: str, key: bytes) -> bytes | None:
-        return self.txn.get(key, db=self.dbs[db])
+        if self._fd < 0:
+            v = self.txn.get(key, db=self.dbs[db])
+            return v if v is None or self._buffers or isinstance(v, bytes) else bytes(v)
+        with self.txn.cursor(db=self.dbs[db]) as cur:
+            return self._value(cur)[0] if cur.set_key(key) else None  # type: ignore[return-value]
+
+    def peek(self, db: str, key: bytes, n: int) -> tuple[bytes, int] | None:
+        """The first ``n`` bytes of a value (a record header) and the value's full length,
+        reading no more of it than that."""
+        with self.txn.cursor(db=self.dbs[db]) as cur:
+            if not cur.set_key(key):
+                return None
+            v, total = self._value(cur, n)
+            return bytes(v), total
+
+    def scan(self, db: str, n: int) -> Iterator[tuple[bytes, int, bytes]]:
+        """``(key, value length, first n bytes of the value)`` for every entry."""
+        with self.txn.cursor(db=self.dbs[db]) as cur:
+            ok = cur.first()
+            while ok:
+                v, total = self._value(cur, n)
+                yield bytes(cur.key()), total, bytes(v)
+                ok = cur.next()
 
     def has(self, db: str, key: bytes) -> bool:
         with self.txn.cursor(db=self.dbs[db]) as cur:
@@ -56,19 +135,23 @@ class Txn:
         with self.txn.cursor(db=self.dbs[db]) as cur:
             if not cur.set_range(prefix):
                 return
-            for k, v in cur:
+            ok = True
+            while ok:
+                k = bytes(cur.key())
                 if not k.startswith(prefix):
                     break
-                yield bytes(k), bytes(v)
+                yield k, bytes(self._value(cur)[0])
+                ok = cur.next()
 
     def keys(self, db: str, prefix: bytes = b"") -> Iterator[bytes]:
         with self.txn.cursor(db=self.dbs[db]) as cur:
             if not cur.set_range(prefix):
                 return
             for k in cur.iternext(keys=True, values=False):
+                k = bytes(k)
                 if not k.startswith(prefix):
                     break
-                yield bytes(k)
+                yield k
 
     def cas(self, db: str, key: bytes, expected: bytes | None, new: bytes | None) -> None:
         """Compare-and-swap inside this write transaction."""
@@ -103,11 +186,13 @@ class Store:
             if shared is None:
                 env = lmdb.open(
                     self.path, map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES) + 2, readonly=readonly,
-                    max_readers=512, metasync=True, sync=True, lock=True, readahead=True, subdir=True,
+                    max_readers=512, metasync=True, sync=True, lock=True, readahead=False, subdir=True,
                 )
                 dbs = {name: env.open_db(name.encode(), create=not readonly) for name in DB_NAMES}
-                # [env, dbs, refcount, transactions in flight, condition guarding them]
-                shared = _OPEN[self._key] = [env, dbs, 0, 0, threading.Condition()]
+                fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDONLY | os.O_CLOEXEC)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # preads fetch what they ask for
+                # [env, dbs, refcount, transactions in flight, condition guarding them, fd, page size]
+                shared = _OPEN[self._key] = [env, dbs, 0, 0, threading.Condition(), fd, env.stat()["psize"]]
             shared[2] += 1
         self._shared = shared
         self.env: lmdb.Environment = shared[0]
@@ -133,6 +218,7 @@ class Store:
             while shared[3] > 0:
                 cond.wait()
         self.env.close()
+        os.close(shared[5])
 
     @contextlib.contextmanager
     def _txn_slot(self) -> Iterator[None]:
@@ -152,8 +238,8 @@ class Store:
     @contextlib.contextmanager
     def read(self, buffers: bool = False) -> Iterator[Txn]:
         """A short read transaction. With ``buffers``, values are zero-copy views valid only inside it."""
-        with self._txn_slot(), self.env.begin(buffers=buffers) as txn:
-            yield Txn(txn, self.dbs, False)
+        with self._txn_slot(), self.env.begin(buffers=True) as txn:
+            yield Txn(txn, self.dbs, False, buffers, self._shared[5], self._shared[6])
 
     def write(self, fn: Callable[[Txn], T]) -> T:
         """Run ``fn`` in one write transaction, committed atomically; grows the map when full."""

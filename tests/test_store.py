@@ -1,0 +1,88 @@
+"""The LMDB store's exact-read path: large values read with pread instead of the map."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from coralfs import store as store_mod
+from coralfs.store import Store
+
+SIZES = [0, 1, 100, 1500, 2100, 4080, 4096, 5000, 65536, 1 << 20, (3 << 20) + 7]
+
+
+@pytest.fixture
+def st(tmp_path: Path):
+    s = Store(tmp_path / "store", create=True)
+    yield s
+    s.close()
+
+
+def _fill(s: Store) -> dict[bytes, bytes]:
+    rng = random.Random(7)
+    values = {f"k{i:03d}".encode(): rng.randbytes(n) for i, n in enumerate(SIZES)}
+    s.write(lambda t: [t.put("chunks", k, v) for k, v in values.items()])
+    # rewrite some, so values move and freed pages get reused
+    for k in list(values)[::3]:
+        values[k] = rng.randbytes(len(values[k]) + 33)
+    s.write(lambda t: [t.put("chunks", k, v) for k, v in values.items()])
+    return values
+
+
+def _count_preads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = os.pread
+
+    def counting(fd: int, n: int, off: int) -> bytes:
+        calls.append(n)
+        return real(fd, n, off)
+
+    monkeypatch.setattr(store_mod.os, "pread", counting)
+    return calls
+
+
+def test_reads_match_the_map_for_every_size(st: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    values = _fill(st)
+    calls = _count_preads(monkeypatch)
+    with st.read() as t:
+        for k, v in values.items():
+            got = t.get("chunks", k)
+            assert isinstance(got, bytes) and got == v
+            assert t.peek("chunks", k, 10) == (v[:10], len(v))
+        assert t.get("chunks", b"missing") is None and t.peek("chunks", b"missing", 4) is None
+        assert dict(t.items("chunks")) == values
+        assert [(k, n, h) for k, n, h in t.scan("chunks", 3)] == [(k, len(v), v[:3]) for k, v in sorted(values.items())]
+    with st.read(buffers=True) as t:
+        for k, v in values.items():
+            assert bytes(t.get("chunks", k)) == v
+    # the large values (LMDB overflow pages) came from pread, exactly their own bytes
+    big = [len(v) for v in values.values() if len(v) > 4096]
+    assert calls and max(calls) >= max(big) and max(calls) <= max(big) + 16
+    # the same through a write transaction (always the map)
+    assert st.write(lambda t: {k: t.get("chunks", k) for k in values}) == values
+
+
+def test_peek_reads_only_the_prefix(st: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    values = _fill(st)
+    calls = _count_preads(monkeypatch)
+    k = next(k for k, v in values.items() if len(v) > 1 << 20)
+    with st.read() as t:
+        assert t.peek("chunks", k, 64) == (values[k][:64], len(values[k]))
+    assert calls == [16 + 64]  # the overflow page header and the prefix, nothing more
+
+
+def test_a_wrong_location_falls_back_to_the_map(st: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overflow-page header is checked before pread bytes are trusted: a page size
+    that does not match the file (so every computed offset is wrong) still gives right bytes."""
+    values = _fill(st)
+    with st.read() as t:
+        t._psize = 8192
+        for k, v in values.items():
+            assert t.get("chunks", k) == v
+            assert t.peek("chunks", k, 5) == (v[:5], len(v))
+    monkeypatch.setattr(store_mod, "_PREAD_OK", False)  # an LMDB of another format: map only
+    with st.read() as t:
+        assert dict(t.items("chunks")) == values

@@ -79,7 +79,7 @@ KILL_ENV = "CORALFS_GC_KILL_AT"
 BATCH_KEYS = 2000  # deletions per sweep transaction
 BATCH_BYTES = 64 << 20  # bytes of re-encoded records per transaction
 GRACE_SECONDS = 0.25
-_HDR_PEEK = records.HEADER_LEN + 2 * ID_LEN
+_HDR_PEEK = records.PEEK_LEN
 
 
 class GcAborted(IntegrityError):

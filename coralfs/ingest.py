@@ -1,11 +1,27 @@
 """Ingest: file bytes -> chunks (deduplicated, delta-encoded) -> a Manifest.
 
 Tensor data is cut into pieces of about CHUNK_TARGET bytes (a multiple of the element
-width) so a random read decodes one piece, not a whole embedding matrix. Each new
-tensor piece is encoded against a base: the same piece of the same tensor in the
-file's previous version, or, for a file with no history, the latest piece of that
-tensor name/dtype anywhere in the repository (a persistent index). Plain bytes are cut
-by content-defined chunking so dedup survives shifted bytes.
+width) so a random read decodes one piece, not a whole embedding matrix. Plain bytes are
+cut by content-defined chunking so dedup survives shifted bytes.
+
+Delta chains run backwards (reverse deltas, as git packs keep them): the newest version
+of a file is stored whole (a keyframe), so what people read most decodes one record per
+piece. When a new version N of a piece arrives, the previous version P (still a keyframe)
+is re-encoded, in the same transaction, as a delta against N ("demoted"); its chunk id
+does not change. P stays a keyframe instead (an anchor bounding the chains below it) when
+
+* the chain hanging below it would pass REVERSE_MAX_BELOW deltas, or its deltas' bytes
+  would pass LOAD_BUDGET times the piece (reading the oldest version below it would cost
+  too much), or
+* the delta saves less than KEEP_RATIO of its record (not worth a slower read), or
+* it is the first version of its lineage and the delta saves less than ROOT_KEEP_RATIO:
+  both ends of a history stay one record per piece where that costs little storage
+  (training from scratch: deltas save ~12%), while fine-tunes, whose deltas save 60-90%,
+  keep their storage (bench/RESULTS.md, third session).
+
+A file with no history of its own deltas forward against the latest piece of that tensor
+name/dtype anywhere in the repository (a persistent index), under the two-level policy
+below; nothing is demoted for it.
 
 Encoding runs on a small thread pool (zstd and numpy release the GIL); at most a few
 chunks are in flight and records are written in bounded batches, so memory stays
@@ -38,11 +54,26 @@ CHUNK_TARGET = 1 << 20
 INLINE_MAX = 1024
 CDC_MIN, CDC_AVG, CDC_MAX = 256 << 10, 1 << 20, 4 << 20
 BATCH_BYTES = 64 << 20
-DEFAULT_MAX_DEPTH = 8  # hard bound on chain depth, whatever the policy
-KEYFRAME_EVERY = 16  # versions per keyframe cycle
-SUBCHAIN = 4  # every SUBCHAIN-th version deltas against the cycle's keyframe
+DEFAULT_MAX_DEPTH = 8  # hard bound on forward chain depth
+KEYFRAME_EVERY = 16  # forward chains: versions per keyframe cycle
+SUBCHAIN = 4  # forward chains: every SUBCHAIN-th version deltas against the cycle's keyframe
+REVERSE_MAX_BELOW = 15  # reverse chains: at most this many deltas above a keyframe
+LOAD_BUDGET = 4.0  # reverse chains: their deltas hold at most this many times the piece's bytes
+KEEP_RATIO = 0.9  # a delta must be smaller than this fraction of the keyframe it replaces
+ROOT_KEEP_RATIO = 0.75  # ... and than this one for the first version of a lineage
 
 Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Demotion:
+    """Re-encode ``chunk`` (a previous version, now a keyframe) as ``record``, a delta
+    against ``base`` (its new version)."""
+
+    chunk: bytes
+    record: bytes
+    base: bytes
+    old_len: int
 
 
 @dataclass
@@ -53,10 +84,13 @@ class IngestStats:
     dedup_chunks: int = 0
     delta_chunks: int = 0
     stored: int = 0
+    demoted: int = 0  # previous versions re-encoded as deltas against this one
+    reclaimed: int = 0  # bytes those re-encodings saved
     by_codec: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: IngestStats) -> None:
-        for k in ("logical", "chunks", "new_chunks", "dedup_chunks", "delta_chunks", "stored"):
+        for k in ("logical", "chunks", "new_chunks", "dedup_chunks", "delta_chunks", "stored", "demoted",
+                  "reclaimed"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         for k, v in other.by_codec.items():
             self.by_codec[k] = self.by_codec.get(k, 0) + v
@@ -111,19 +145,42 @@ class Ingestor:
             yield s, min(s + step, r.end)
 
     # -- base selection --------------------------------------------------------
-    def _base_for(self, t: Txn, r: Region, i: int, prev: dict[str, Segment]) -> bytes | None:
+    def _base_for(self, t: Txn, r: Region, i: int, prev: dict[str, Segment]) -> tuple[bytes, bool] | None:
+        """``(chunk id, is the previous version of this piece)`` of the base for piece ``i``."""
         seg = prev.get(r.name)
-        cid = None
         if seg is not None and seg.dtype == r.dtype and i < len(seg.pieces):
             cid = seg.pieces[i].chunk
-        if cid is None:
-            cid = t.get("index", tensor_index_key(r.dtype, r.name, i))
+            if cid is not None and t.has("chunks", cid):
+                return cid, True
+        cid = t.get("index", tensor_index_key(r.dtype, r.name, i))
         if cid is None or not t.has("chunks", cid):
             return None
-        return cid
+        return cid, False
 
-    def _encode_job(self, raw: memoryview, width: int, base_cid: bytes | None) -> bytes:
-        """Encode one new tensor piece under the two-level chain policy.
+    def _tensor_job(self, raw: memoryview, width: int, cid: bytes,
+                    base: tuple[bytes, bool] | None) -> tuple[bytes, Demotion | None]:
+        """A new tensor piece's record, and the demotion of its previous version if any."""
+        if base is None:
+            return records.encode_tensor(raw, width), None
+        base_cid, is_prev = base
+        if not is_prev:
+            return self._encode_forward(raw, width, base_cid), None
+        h, p_len = self.ostore.chunk_info(base_cid)
+        if h.bases:  # the previous version is already a delta (an older forward chain, or another
+            return records.encode_tensor(raw, width, gen=h.gen + 1), None  # branch demoted it)
+        rec = records.encode_tensor(raw, width, gen=h.gen + 1)
+        if h.below_n + 1 > REVERSE_MAX_BELOW or h.below_load >= LOAD_BUDGET * records.LOAD_UNIT:
+            return rec, None  # an anchor: the chain below it is as long as allowed
+        d = records.encode_tensor(self.ostore.get_chunk(base_cid), width, (cid, raw), None, 0, h.gen)
+        load = h.below_load + -(-len(d) * records.LOAD_UNIT // max(1, h.raw_len))
+        keep = KEEP_RATIO if h.gen else ROOT_KEEP_RATIO
+        if not records.parse_header(d).bases or len(d) >= keep * p_len or load > LOAD_BUDGET * records.LOAD_UNIT:
+            return rec, None
+        return records.with_below(rec, h.below_n + 1, load), Demotion(base_cid, d, cid, p_len)
+
+    def _encode_forward(self, raw: memoryview, width: int, base_cid: bytes) -> bytes:
+        """Encode a tensor piece of a file with no history of its own, forward against a
+        same-named piece elsewhere, under the two-level chain policy.
 
         With B = the previous version of this piece (generation g within its keyframe cycle):
         generation g+1 == KEYFRAME_EVERY: a keyframe (no base); a multiple of SUBCHAIN: a delta
@@ -132,8 +189,6 @@ class Ingestor:
         version decodes in at most SUBCHAIN + 1 steps. Measured (tensorcodec author, fp32 /
         bf16 fine-tunes saved every 5 steps): .554 / .184 of raw at <= 5 decodes, against
         .548 / .196 for a plain chain with a keyframe every 8 (<= 9 decodes)."""
-        if base_cid is None:
-            return records.encode_tensor(raw, width)
         h = self.ostore.chunk_header(base_cid)
         gen = h.gen + 1 if h.bases else 1
         if gen >= KEYFRAME_EVERY or h.depth >= self.max_depth:
@@ -155,6 +210,25 @@ class Ingestor:
             depth = h.depth
         return records.encode_tensor(raw, width, base, base2, depth, gen)
 
+    @staticmethod
+    def _write(t: Txn, items: list[tuple[bytes, bytes]], demotions: list[Demotion], stats: IngestStats) -> None:
+        """New records, then the demotions they allow, in one write transaction. A demotion
+        is applied only if its previous version is still a keyframe and the new version's
+        stored record is one too (another process may have stored either meanwhile): every
+        delta then points at a chunk that was a keyframe when the delta was written, so
+        chains never form a cycle and stay as long as the policy decided."""
+        for cid, rec in items:
+            t.put("chunks", cid, rec, overwrite=False)
+        for d in demotions:
+            old = t.peek("chunks", d.chunk, records.PEEK_LEN)
+            new = t.peek("chunks", d.base, records.PEEK_LEN)
+            if old is None or new is None or records.parse_header(old[0]).bases or records.parse_header(new[0]).bases:
+                continue
+            t.put("chunks", d.chunk, d.record)
+            stats.demoted += 1
+            stats.delta_chunks += 1
+            stats.reclaimed += old[1] - len(d.record)
+
     # -- ingest ----------------------------------------------------------------
     def ingest(self, view: memoryview, name: str = "", prev: Manifest | None = None,
                progress: Progress | None = None) -> tuple[bytes, Manifest, IngestStats]:
@@ -166,21 +240,22 @@ class Ingestor:
         segments: list[Segment] = []
         seen: set[bytes] = set()
         batch: list[tuple[bytes, bytes]] = []
+        demotions: list[Demotion] = []
         batch_bytes = 0
-        pending: deque[tuple[bytes, Future[bytes]]] = deque()
+        pending: deque[tuple[bytes, Future[tuple[bytes, Demotion | None]]]] = deque()
         index_updates: dict[bytes, bytes] = {}
 
         def flush() -> None:
-            nonlocal batch, batch_bytes
+            nonlocal batch, demotions, batch_bytes
             if batch:
-                self.ostore.put_records(batch)
-                batch, batch_bytes = [], 0
+                self.ostore.store.write(lambda t: self._write(t, batch, demotions, stats))
+                batch, demotions, batch_bytes = [], [], 0
 
         def drain(limit: int) -> None:
             nonlocal batch_bytes
             while len(pending) > limit:
                 cid, fut = pending.popleft()
-                rec = fut.result()
+                rec, demotion = fut.result()
                 h = records.parse_header(rec)
                 cname = records.CODEC_NAMES[h.codec]
                 stats.by_codec[cname] = stats.by_codec.get(cname, 0) + len(rec)
@@ -188,6 +263,9 @@ class Ingestor:
                 stats.stored += len(rec)
                 batch.append((cid, rec))
                 batch_bytes += len(rec)
+                if demotion is not None:
+                    demotions.append(demotion)
+                    batch_bytes += len(demotion.record)
                 if batch_bytes >= BATCH_BYTES:
                     flush()
 
@@ -218,9 +296,9 @@ class Ingestor:
                             base = self._base_for(t, r, i, prev_tensors) if r.kind == "tensor" else None
                         stats.new_chunks += 1
                         if r.kind == "tensor":
-                            fut = pool.submit(self._encode_job, raw, r.width, base)
+                            fut = pool.submit(self._tensor_job, raw, r.width, cid, base)
                         else:
-                            fut = pool.submit(records.encode_bytes, raw)
+                            fut = pool.submit(lambda raw=raw: (records.encode_bytes(raw), None))
                         pending.append((cid, fut))
                         drain(self.threads * 2)
                 segments.append(Segment(r.kind, tuple(pieces), r.name, r.dtype, r.width, r.shape))
@@ -230,12 +308,11 @@ class Ingestor:
         manifest = Manifest(size, digest(view), fmt, tuple(segments))
         if sum(s.length for s in segments) != size:
             raise CoralError("internal error: segments do not cover the file")
-        tail = batch
+        tail, tail_demotions = batch, demotions
 
         def finish(t: Txn) -> bytes:
             # the last chunks, the tensor base index and the manifest: one transaction (one fsync)
-            for cid, rec in tail:
-                t.put("chunks", cid, rec, overwrite=False)
+            self._write(t, tail, tail_demotions, stats)
             for k, v in index_updates.items():
                 t.put("index", k, v)
             return self.ostore.put_object(t, manifest)

@@ -91,10 +91,18 @@ class ObjectStore:
 
     def chunk_header(self, cid: bytes) -> records.RecordHeader:
         with self.store.read() as t:
-            v = t.peek("chunks", cid, records.HEADER_LEN + 2 * 32)  # only the header is read
+            v = t.peek("chunks", cid, records.PEEK_LEN)  # only the header is read
         if v is None:
             raise MissingObject(f"chunk {cid.hex()} is missing")
         return records.parse_header(v[0])
+
+    def chunk_info(self, cid: bytes) -> tuple[records.RecordHeader, int]:
+        """A chunk's record header and the record's stored length."""
+        with self.store.read() as t:
+            v = t.peek("chunks", cid, records.PEEK_LEN)
+        if v is None:
+            raise MissingObject(f"chunk {cid.hex()} is missing")
+        return records.parse_header(v[0]), v[1]
 
     def chain_records(self, cids: Iterable[bytes]) -> dict[bytes, int]:
         """Every chunk decoding ``cids`` touches (they and their delta bases, transitively),
@@ -106,7 +114,7 @@ class ObjectStore:
                 cid = todo.pop()
                 if cid in out:
                     continue
-                v = t.peek("chunks", cid, records.HEADER_LEN + 2 * 32)
+                v = t.peek("chunks", cid, records.PEEK_LEN)
                 if v is None:
                     raise MissingObject(f"chunk {cid.hex()} is missing")
                 out[cid] = v[1]

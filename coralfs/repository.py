@@ -54,7 +54,9 @@ from coralfs.reader import FileReader, FileView
 from coralfs.store import Store, Txn
 
 CORAL_DIR = ".coralfs"
-FORMAT_VERSION = 1
+# 2: chunk records may be version 2 (reverse delta chains; coralfs.records). Format 1
+# repositories are upgraded in place on open: their records stay readable as they are.
+FORMAT_VERSION = 2
 _REV_SUFFIX = re.compile(r"(~\d*|\^\d*)$")
 _HEX = re.compile(r"^[0-9a-f]{4,64}$")
 
@@ -120,8 +122,22 @@ class Repository:
         self.config: dict[str, Any] = json.loads(raw) if raw else {}
         if self.config.get("format", FORMAT_VERSION) > FORMAT_VERSION:
             raise CoralError(f"repository format {self.config['format']} is newer than this coralfs")
+        if raw and self.config.get("format", FORMAT_VERSION) < FORMAT_VERSION:
+            self._upgrade_format()
         self.ingestor = Ingestor(self.objects, int(self.config.get("max_depth", DEFAULT_MAX_DEPTH)), threads)
         self._lock_local = threading.local()
+
+    def _upgrade_format(self) -> None:
+        """Mark the repository as written by this format, so older coralfs versions refuse
+        it instead of failing on records they cannot read."""
+        def fn(t: Txn) -> dict[str, Any]:
+            cfg = json.loads(t.get("config", b"config") or b"{}")
+            if cfg.get("format", 1) < FORMAT_VERSION:
+                cfg["format"] = FORMAT_VERSION
+                t.put("config", b"config", json.dumps(cfg).encode())
+            return cfg
+
+        self.config = self.store.write(fn)
 
     # ---------------------------------------------------------------- gc interlock
     @contextlib.contextmanager
@@ -861,7 +877,7 @@ class Repository:
         delta = 0
         with self.store.read() as t:
             n_chunks = 0
-            for _, size, head in t.scan("chunks", records.HEADER_LEN + 2 * 32):  # headers only
+            for _, size, head in t.scan("chunks", records.PEEK_LEN):  # headers only
                 h = records.parse_header(head)
                 d = by_codec.setdefault(records.CODEC_NAMES[h.codec], {"chunks": 0, "raw": 0, "stored": 0})
                 d["chunks"] += 1

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 from coralfs import records
 from tests.factories import sha256
@@ -57,14 +57,19 @@ def test_grown_vocabulary_is_a_delta_over_the_common_rows(repo):
     emb = torch.randn(1000, 64)
     repo.add([_write(repo, "m.safetensors", save({"embed": emb}))])
     repo.commit("v1")
+    old = save({"embed": emb})
     grown = torch.cat([_finetune(emb, 2), torch.randn(24, 64)])  # 24 new tokens
     data = save({"embed": grown})
     repo.add([_write(repo, "m.safetensors", data)])
     repo.commit("grown vocab")
-    h = _header(repo, "HEAD", "m.safetensors", "embed")
-    assert h.bases, "a grown tensor still deltas against the old one"
+    head = _header(repo, "HEAD", "m.safetensors", "embed")
+    assert not head.bases, "the newest version is stored whole"
+    h = _header(repo, "HEAD~1", "m.safetensors", "embed")
+    new_chunk = repo.get_manifest(repo.entry("HEAD", "m.safetensors").manifest).tensors()["embed"].pieces[0].chunk
+    assert h.bases == (new_chunk,), "the old tensor is a delta over the rows it shares with the grown one"
     repo.objects.chunk_cache.clear()
     assert sha256(repo.open("HEAD", "m.safetensors").read()) == sha256(data)
+    assert sha256(repo.open("HEAD~1", "m.safetensors").read()) == sha256(old)
 
 
 def test_frozen_tensors_cost_nothing(repo):
@@ -115,7 +120,7 @@ def test_record_with_unknown_codec_id_is_rejected():
 
 def test_corrupt_base_deep_in_a_chain_never_gives_wrong_bytes(repo):
     """Bases of a chain are decoded unverified (only the chunk on top is hashed): a corrupt
-    middle version must still end in IntegrityError for the newest, never in wrong bytes."""
+    middle version must still end in IntegrityError for the oldest, never in wrong bytes."""
     from coralfs.errors import IntegrityError
 
     torch.manual_seed(0)
@@ -126,8 +131,9 @@ def test_corrupt_base_deep_in_a_chain_never_gives_wrong_bytes(repo):
         datas.append(save({"w": w}))
         repo.add([_write(repo, "m.safetensors", datas[-1])])
         repo.commit(f"v{v}")
-    h = _header(repo, "HEAD", "m.safetensors", "w")
-    assert h.bases, "the newest version should be a delta"
+    first = repo.log()[-1][0]
+    h = _header(repo, first, "m.safetensors", "w")
+    assert h.bases, "the oldest version should be a delta (against the one after it)"
     mid = h.bases[0]
     rec = bytearray(repo.objects.chunk_record(mid))
     hm = records.parse_header(bytes(rec))
@@ -135,11 +141,11 @@ def test_corrupt_base_deep_in_a_chain_never_gives_wrong_bytes(repo):
     repo.store.write(lambda t: t.put("chunks", mid, bytes(rec)))
     repo.objects.chunk_cache.clear()
     with pytest.raises(IntegrityError):
-        repo.open("HEAD", "m.safetensors").read()
+        repo.open(first, "m.safetensors").read()
     assert repo.objects.chunk_cache.get(mid) is None  # nothing unverified was cached
-    # the versions below the corrupt one still read back exactly
-    first = repo.log()[-1][0]
-    assert sha256(repo.open(first, "m.safetensors").read()) == sha256(datas[0])
+    # the versions the corrupt one deltas against still read back exactly
+    assert sha256(repo.open("HEAD", "m.safetensors").read()) == sha256(datas[-1])
+    assert sha256(repo.open("HEAD~1", "m.safetensors").read()) == sha256(datas[-2])
 
 
 def test_chain_records_lists_a_chunk_and_all_its_bases(repo):
@@ -149,11 +155,147 @@ def test_chain_records_lists_a_chunk_and_all_its_bases(repo):
         w = _finetune(w, v)
         repo.add([_write(repo, "m.safetensors", save({"w": w}))])
         repo.commit(f"v{v}")
-    top = repo.get_manifest(repo.entry("HEAD", "m.safetensors").manifest).tensors()["w"].pieces[0].chunk
+    first = repo.log()[-1][0]
+    top = repo.get_manifest(repo.entry(first, "m.safetensors").manifest).tensors()["w"].pieces[0].chunk
     need = repo.objects.chain_records([top])
     expect, todo = {}, [top]
     while todo:  # the chain, walked header by header
         c = todo.pop()
         expect[c] = len(repo.objects.chunk_record(c))
         todo.extend(repo.objects.chunk_header(c).bases)
-    assert need == expect and len(need) >= 2  # the newest version is a delta: its base is listed
+    assert need == expect and len(need) >= 2  # the oldest version is a delta: its base is listed
+
+
+# ------------------------------------------------------------------ reverse chains
+def _chunk(repo, rev: str, path: str = "m.safetensors", tensor: str = "w") -> bytes:
+    return repo.get_manifest(repo.entry(rev, path).manifest).tensors()[tensor].pieces[0].chunk
+
+
+def _series(repo, n: int, seed: int = 0, path: str = "m.safetensors") -> list[bytes]:
+    torch.manual_seed(seed)
+    w = torch.randn(256, 256)
+    datas = []
+    for v in range(n):
+        w = _finetune(w, seed * 100 + v)
+        datas.append(save({"w": w}))
+        repo.add([_write(repo, path, datas[-1])])
+        repo.commit(f"v{v}")
+    return datas
+
+
+def test_previous_version_is_demoted_against_the_new_head(repo):
+    from coralfs import ingest
+
+    datas = _series(repo, 3)
+    v0, v1, v2 = (_chunk(repo, r) for r in ("HEAD~2", "HEAD~1", "HEAD"))
+    h0, h1, h2 = (repo.objects.chunk_header(c) for c in (v0, v1, v2))
+    assert not h2.bases and h1.bases == (v2,) and h0.bases == (v1,)
+    assert h2.below_n == 2 and h2.below_load > 0  # the chain hanging below the head
+    assert len(repo.objects.chunk_record(v1)) < ingest.KEEP_RATIO * len(repo.objects.chunk_record(v2))
+    repo.objects.chunk_cache.clear()
+    for rev, data in zip(("HEAD~2", "HEAD~1", "HEAD"), datas, strict=True):
+        assert sha256(repo.open(rev, "m.safetensors").read()) == sha256(data)
+
+
+def test_root_and_budget_anchors(repo, monkeypatch):
+    from coralfs import ingest
+
+    monkeypatch.setattr(ingest, "ROOT_KEEP_RATIO", 0.0)  # the first version: always kept
+    monkeypatch.setattr(ingest, "REVERSE_MAX_BELOW", 2)  # at most two deltas above a keyframe
+    datas = _series(repo, 7)
+    revs = [f"HEAD~{i}" for i in range(6, 0, -1)] + ["HEAD"]
+    lengths = []
+    for rev in revs:
+        n, c = 0, _chunk(repo, rev)
+        while True:
+            n += 1
+            b = repo.objects.chunk_header(c).bases
+            if not b:
+                break
+            c = b[0]
+        lengths.append(n)
+    assert lengths[0] == 1  # the root stayed whole
+    assert lengths == [1, 3, 2, 1, 3, 2, 1], lengths  # v3 anchors v1 and v2; v4, v5 hang off the head
+    repo.objects.chunk_cache.clear()
+    for rev, data in zip(revs, datas, strict=True):
+        assert sha256(repo.open(rev, "m.safetensors").read()) == sha256(data)
+
+
+def test_a_fork_demotes_its_base_once(repo):
+    _series(repo, 1)
+    base = _chunk(repo, "HEAD")
+    repo.create_branch("b")
+    w0 = load(repo.open("HEAD", "m.safetensors").read())["w"]
+    data_main = save({"w": _finetune(w0, 7)})
+    repo.add([_write(repo, "m.safetensors", data_main)])
+    repo.commit("main v1")
+    main_head = _chunk(repo, "main")
+    assert repo.objects.chunk_header(base).bases == (main_head,)
+    repo.checkout("b")
+    data_b = save({"w": _finetune(w0, 8)})
+    repo.add([_write(repo, "m.safetensors", data_b)])
+    repo.commit("b v1")
+    assert not repo.objects.chunk_header(_chunk(repo, "b")).bases
+    assert repo.objects.chunk_header(base).bases == (main_head,)  # demoted once, by main
+    repo.objects.chunk_cache.clear()
+    assert sha256(repo.open("main", "m.safetensors").read()) == sha256(data_main)
+    assert sha256(repo.open("b", "m.safetensors").read()) == sha256(data_b)
+    assert sha256(repo.open("b~1", "m.safetensors").read()) == sha256(save({"w": w0}))
+
+
+def test_a_demotion_is_applied_only_between_keyframes(repo):
+    """Another process may change either record between encoding and writing: a demotion
+    whose previous version is no longer a keyframe, or whose new version was stored as a
+    delta, is skipped (so a delta always points at a chunk that was a keyframe)."""
+    from coralfs.ingest import Demotion, Ingestor, IngestStats
+
+    _series(repo, 2)
+    v0, v1 = _chunk(repo, "HEAD~1"), _chunk(repo, "HEAD")
+    rec0, rec1 = repo.objects.chunk_record(v0), repo.objects.chunk_record(v1)
+    assert records.parse_header(rec0).bases == (v1,)
+    # v1 (a keyframe) demoted against v0, which is a delta: skipped (it would close a cycle)
+    fake = records.pack(records.parse_header(rec0).codec, 4, 1, b"x", (v0,), 1)
+    stats = IngestStats()
+    repo.store.write(lambda t: Ingestor._write(t, [], [Demotion(v1, fake, v0, len(rec1))], stats))
+    assert stats.demoted == 0 and repo.objects.chunk_record(v1) == rec1
+    # v0 is a delta already: a second demotion of it is skipped too
+    repo.store.write(lambda t: Ingestor._write(t, [], [Demotion(v0, fake, v1, len(rec0))], stats))
+    assert stats.demoted == 0 and repo.objects.chunk_record(v0) == rec0
+    repo.objects.chunk_cache.clear()
+    assert repo.open("HEAD~1", "m.safetensors").read() and repo.open("HEAD", "m.safetensors").read()
+
+
+def test_format_1_repository_reads_and_upgrades(repo):
+    """Records written before reverse chains (record version 1, no below fields) still
+    decode; opening such a repository marks it format 2 so older coralfs refuses it."""
+    import json
+    import struct
+
+    from coralfs.repository import Repository
+
+    datas = _series(repo, 3)
+    v1 = struct.Struct("<3sBBBBBHQ")
+
+    def downgrade(t) -> None:
+        for cid, v in list(t.items("chunks")):
+            h = records.parse_header(v)
+            head = v1.pack(b"CRF", 1, h.codec, h.width, len(h.bases), h.gen, h.depth, h.raw_len)
+            t.put("chunks", cid, b"".join((head, *h.bases, v[h.payload_offset:])))
+        cfg = json.loads(t.get("config", b"config"))
+        cfg["format"] = 1
+        t.put("config", b"config", json.dumps(cfg).encode())
+
+    repo.store.write(downgrade)
+    root = repo.root
+    with Repository(root) as old:
+        assert old.config["format"] == 2
+        with old.store.read() as t:
+            assert all(v[3] == 1 for _, v in t.items("chunks"))
+        for i, data in enumerate(datas):
+            assert sha256(old.open(f"HEAD~{2 - i}", "m.safetensors").read()) == sha256(data)
+        new = save({"w": load(datas[-1])["w"] * 1.001})
+        old.add([_write(old, "m.safetensors", new)])
+        old.commit("v3")
+        old.objects.chunk_cache.clear()
+        assert sha256(old.open("HEAD", "m.safetensors").read()) == sha256(new)
+        assert sha256(old.open("HEAD~1", "m.safetensors").read()) == sha256(datas[-1])

@@ -162,7 +162,9 @@ def test_repo_save_state_dict_without_temp_file(repo):
 
 
 def test_delta_chain_depth_is_bounded_and_every_version_exact(repo):
-    """20 versions of one tensor: deltas are used, depth never exceeds the policy bound."""
+    """40 versions of one tensor: the newest is stored whole, older ones are reverse deltas
+    (each against the version after it), no chain is longer than the policy's bound, and
+    every version reads back exactly."""
     from safetensors.torch import save
 
     from coralfs import ingest
@@ -171,19 +173,30 @@ def test_delta_chain_depth_is_bounded_and_every_version_exact(repo):
     w = torch.randn(256, 256)
     versions = []
     path = os.path.join(repo.root, "m.safetensors")
-    for i in range(20):
+    for i in range(40):
         w = w + 1e-3 * torch.randn(256, 256)  # a fine-tune-like walk
         data = save({"w": w.bfloat16()})
         with open(path, "wb") as f:
             f.write(data)
         repo.add([path])
         versions.append((repo.commit(f"v{i}"), sha256(data)))
-    depths = []
-    for cid, _ in versions:
-        seg = repo.get_manifest(repo.entry(cid, "m.safetensors").manifest).tensors()["w"]
-        depths.append(repo.objects.chunk_header(seg.pieces[0].chunk).depth)
-    assert max(depths) <= ingest.SUBCHAIN
-    assert sum(1 for d in depths if d > 0) >= 10, depths  # deltas were actually used
+
+    def chain(cid: bytes) -> int:  # records a read of this chunk decodes
+        h = repo.objects.chunk_header(cid)
+        return 1 + max((chain(b) for b in h.bases), default=0)
+
+    chunks = [repo.get_manifest(repo.entry(c, "m.safetensors").manifest).tensors()["w"].pieces[0].chunk
+              for c, _ in versions]
+    lengths = [chain(c) for c in chunks]
+    assert lengths[-1] == 1  # the newest version: one record
+    assert max(lengths) <= ingest.REVERSE_MAX_BELOW + 1, lengths
+    assert sum(1 for n in lengths if n > 1) >= 30, lengths  # deltas were actually used
+    anchors = [i for i, n in enumerate(lengths) if n == 1]
+    assert len(anchors) >= 3, lengths  # 40 versions need anchors to bound the chains
+    # a keyframe knows the longest chain that ends at it
+    for i in anchors:
+        below = [lengths[j] - 1 for j in range(i) if j > max([a for a in anchors if a < i], default=-1)]
+        assert repo.objects.chunk_header(chunks[i]).below_n == max(below, default=0)
     repo.objects.chunk_cache.clear()
     for cid, h in versions:
         assert sha256(repo.open(cid, "m.safetensors").read()) == h

@@ -58,8 +58,10 @@ from typing import TYPE_CHECKING, Any
 from coralfs import records, refs
 from coralfs.errors import ConcurrentUpdate, CoralError, IntegrityError
 from coralfs.hashing import ID_LEN, digest, hasher
+from coralfs.ingest import PENDING_PREFIX
 from coralfs.objects import Commit, Manifest, Tag, Tree
 from coralfs.objectstore import ObjectStore
+from coralfs.repack import BELOW_PREFIX
 from coralfs.store import Txn
 
 if TYPE_CHECKING:
@@ -409,6 +411,11 @@ def _index_live(key: bytes, value: bytes, marker: Marker) -> bool:
         return key[len(COMMIT_INDEX):] in marker.objects
     if key.startswith(TENSOR_INDEX):
         return value in marker.chunks
+    if key.startswith(PENDING_PREFIX):  # a demotion still to do: both versions must live
+        body = key[len(PENDING_PREFIX) + 8 :]
+        return body[:ID_LEN] in marker.chunks and body[ID_LEN:] in marker.chunks
+    if key.startswith(BELOW_PREFIX):
+        return key[len(BELOW_PREFIX):] in marker.chunks
     if key.startswith(STAT_INDEX):
         try:
             m = json.loads(value).get("m")

@@ -6,18 +6,10 @@ cut by content-defined chunking so dedup survives shifted bytes.
 
 Delta chains run backwards (reverse deltas, as git packs keep them): the newest version
 of a file is stored whole (a keyframe), so what people read most decodes one record per
-piece. When a new version N of a piece arrives, the previous version P (still a keyframe)
-is re-encoded, in the same transaction, as a delta against N ("demoted"); its chunk id
-does not change. P stays a keyframe instead (an anchor bounding the chains below it) when
-
-* the chain hanging below it would pass REVERSE_MAX_BELOW deltas, or its deltas' bytes
-  would pass LOAD_BUDGET times the piece (reading the oldest version below it would cost
-  too much), or
-* the delta saves less than KEEP_RATIO of its record (not worth a slower read), or
-* it is the first version of its lineage and the delta saves less than ROOT_KEEP_RATIO:
-  both ends of a history stay one record per piece where that costs little storage
-  (training from scratch: deltas save ~12%), while fine-tunes, whose deltas save 60-90%,
-  keep their storage (bench/RESULTS.md, third session).
+piece, and a commit never decodes a chain. When a new version N of a piece replaces P (a
+keyframe), ingest records a pending demotion (N, P) in the same transaction as N; the
+repacker (coralfs.repack) later re-encodes P as a delta against N, or keeps it whole as
+an anchor. Its chunk id never changes.
 
 A file with no history of its own deltas forward against the latest piece of that tensor
 name/dtype anywhere in the repository (a persistent index), under the two-level policy
@@ -32,6 +24,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,23 +50,9 @@ BATCH_BYTES = 64 << 20
 DEFAULT_MAX_DEPTH = 8  # hard bound on forward chain depth
 KEYFRAME_EVERY = 16  # forward chains: versions per keyframe cycle
 SUBCHAIN = 4  # forward chains: every SUBCHAIN-th version deltas against the cycle's keyframe
-REVERSE_MAX_BELOW = 15  # reverse chains: at most this many deltas above a keyframe
-LOAD_BUDGET = 4.0  # reverse chains: their deltas hold at most this many times the piece's bytes
-KEEP_RATIO = 0.9  # a delta must be smaller than this fraction of the keyframe it replaces
-ROOT_KEEP_RATIO = 0.75  # ... and than this one for the first version of a lineage
+PENDING_PREFIX = b"dm\x00"  # index: PENDING_PREFIX + seq (8) + new chunk + previous chunk -> b""
 
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class Demotion:
-    """Re-encode ``chunk`` (a previous version, now a keyframe) as ``record``, a delta
-    against ``base`` (its new version)."""
-
-    chunk: bytes
-    record: bytes
-    base: bytes
-    old_len: int
 
 
 @dataclass
@@ -84,16 +63,20 @@ class IngestStats:
     dedup_chunks: int = 0
     delta_chunks: int = 0
     stored: int = 0
-    demoted: int = 0  # previous versions re-encoded as deltas against this one
-    reclaimed: int = 0  # bytes those re-encodings saved
+    pending: int = 0  # previous versions queued for re-encoding against this one (coralfs.repack)
     by_codec: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: IngestStats) -> None:
-        for k in ("logical", "chunks", "new_chunks", "dedup_chunks", "delta_chunks", "stored", "demoted",
-                  "reclaimed"):
+        for k in ("logical", "chunks", "new_chunks", "dedup_chunks", "delta_chunks", "stored", "pending"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         for k, v in other.by_codec.items():
             self.by_codec[k] = self.by_codec.get(k, 0) + v
+
+
+def pending_key(new: bytes, prev: bytes) -> bytes:
+    """Index key of a pending demotion: ordered by time, so the repacker demotes a lineage's
+    versions oldest first (each one's chain accounting is final before the next)."""
+    return PENDING_PREFIX + time.time_ns().to_bytes(8, "big") + new + prev
 
 
 def tensor_index_key(dtype: str, name: str, piece: int) -> bytes:
@@ -157,26 +140,19 @@ class Ingestor:
             return None
         return cid, False
 
-    def _tensor_job(self, raw: memoryview, width: int, cid: bytes,
-                    base: tuple[bytes, bool] | None) -> tuple[bytes, Demotion | None]:
-        """A new tensor piece's record, and the demotion of its previous version if any."""
+    def _tensor_job(self, raw: memoryview, width: int,
+                    base: tuple[bytes, bool] | None) -> tuple[bytes, bytes | None]:
+        """A new tensor piece's record, and the previous version to demote against it, if any:
+        the previous version of the file's piece when it is a keyframe. (When it is already a
+        delta, from an older forward chain or because another branch's new version demoted it,
+        nothing is queued.) A file with no history deltas forward against the index's piece."""
         if base is None:
             return records.encode_tensor(raw, width), None
         base_cid, is_prev = base
         if not is_prev:
             return self._encode_forward(raw, width, base_cid), None
-        h, p_len = self.ostore.chunk_info(base_cid)
-        if h.bases:  # the previous version is already a delta (an older forward chain, or another
-            return records.encode_tensor(raw, width, gen=h.gen + 1), None  # branch demoted it)
-        rec = records.encode_tensor(raw, width, gen=h.gen + 1)
-        if h.below_n + 1 > REVERSE_MAX_BELOW or h.below_load >= LOAD_BUDGET * records.LOAD_UNIT:
-            return rec, None  # an anchor: the chain below it is as long as allowed
-        d = records.encode_tensor(self.ostore.get_chunk(base_cid), width, (cid, raw), None, 0, h.gen)
-        load = h.below_load + -(-len(d) * records.LOAD_UNIT // max(1, h.raw_len))
-        keep = KEEP_RATIO if h.gen else ROOT_KEEP_RATIO
-        if not records.parse_header(d).bases or len(d) >= keep * p_len or load > LOAD_BUDGET * records.LOAD_UNIT:
-            return rec, None
-        return records.with_below(rec, h.below_n + 1, load), Demotion(base_cid, d, cid, p_len)
+        h = self.ostore.chunk_header(base_cid)
+        return records.encode_tensor(raw, width, gen=h.gen + 1), (None if h.bases else base_cid)
 
     def _encode_forward(self, raw: memoryview, width: int, base_cid: bytes) -> bytes:
         """Encode a tensor piece of a file with no history of its own, forward against a
@@ -211,23 +187,12 @@ class Ingestor:
         return records.encode_tensor(raw, width, base, base2, depth, gen)
 
     @staticmethod
-    def _write(t: Txn, items: list[tuple[bytes, bytes]], demotions: list[Demotion], stats: IngestStats) -> None:
-        """New records, then the demotions they allow, in one write transaction. A demotion
-        is applied only if its previous version is still a keyframe and the new version's
-        stored record is one too (another process may have stored either meanwhile): every
-        delta then points at a chunk that was a keyframe when the delta was written, so
-        chains never form a cycle and stay as long as the policy decided."""
+    def _write(t: Txn, items: list[tuple[bytes, bytes]], pending: list[tuple[bytes, bytes]]) -> None:
+        """New records and the demotions they queue, in one write transaction."""
         for cid, rec in items:
             t.put("chunks", cid, rec, overwrite=False)
-        for d in demotions:
-            old = t.peek("chunks", d.chunk, records.PEEK_LEN)
-            new = t.peek("chunks", d.base, records.PEEK_LEN)
-            if old is None or new is None or records.parse_header(old[0]).bases or records.parse_header(new[0]).bases:
-                continue
-            t.put("chunks", d.chunk, d.record)
-            stats.demoted += 1
-            stats.delta_chunks += 1
-            stats.reclaimed += old[1] - len(d.record)
+        for new, prev in pending:
+            t.put("index", pending_key(new, prev), b"")
 
     # -- ingest ----------------------------------------------------------------
     def ingest(self, view: memoryview, name: str = "", prev: Manifest | None = None,
@@ -240,22 +205,22 @@ class Ingestor:
         segments: list[Segment] = []
         seen: set[bytes] = set()
         batch: list[tuple[bytes, bytes]] = []
-        demotions: list[Demotion] = []
+        demotions: list[tuple[bytes, bytes]] = []
         batch_bytes = 0
-        pending: deque[tuple[bytes, Future[tuple[bytes, Demotion | None]]]] = deque()
+        pending: deque[tuple[bytes, Future[tuple[bytes, bytes | None]]]] = deque()
         index_updates: dict[bytes, bytes] = {}
 
         def flush() -> None:
             nonlocal batch, demotions, batch_bytes
             if batch:
-                self.ostore.store.write(lambda t: self._write(t, batch, demotions, stats))
+                self.ostore.store.write(lambda t: self._write(t, batch, demotions))
                 batch, demotions, batch_bytes = [], [], 0
 
         def drain(limit: int) -> None:
             nonlocal batch_bytes
             while len(pending) > limit:
                 cid, fut = pending.popleft()
-                rec, demotion = fut.result()
+                rec, prev = fut.result()
                 h = records.parse_header(rec)
                 cname = records.CODEC_NAMES[h.codec]
                 stats.by_codec[cname] = stats.by_codec.get(cname, 0) + len(rec)
@@ -263,9 +228,9 @@ class Ingestor:
                 stats.stored += len(rec)
                 batch.append((cid, rec))
                 batch_bytes += len(rec)
-                if demotion is not None:
-                    demotions.append(demotion)
-                    batch_bytes += len(demotion.record)
+                if prev is not None:
+                    demotions.append((cid, prev))
+                    stats.pending += 1
                 if batch_bytes >= BATCH_BYTES:
                     flush()
 
@@ -296,7 +261,7 @@ class Ingestor:
                             base = self._base_for(t, r, i, prev_tensors) if r.kind == "tensor" else None
                         stats.new_chunks += 1
                         if r.kind == "tensor":
-                            fut = pool.submit(self._tensor_job, raw, r.width, cid, base)
+                            fut = pool.submit(self._tensor_job, raw, r.width, base)
                         else:
                             fut = pool.submit(lambda raw=raw: (records.encode_bytes(raw), None))
                         pending.append((cid, fut))
@@ -312,7 +277,7 @@ class Ingestor:
 
         def finish(t: Txn) -> bytes:
             # the last chunks, the tensor base index and the manifest: one transaction (one fsync)
-            self._write(t, tail, tail_demotions, stats)
+            self._write(t, tail, tail_demotions)
             for k, v in index_updates.items():
                 t.put("index", k, v)
             return self.ostore.put_object(t, manifest)

@@ -3,16 +3,13 @@
 Layout (little endian)::
 
     magic  b"CRF"   3 bytes
-    version         u8   (2; version 1 records, without the two fields marked v2, still read)
+    version         u8   (1)
     codec           u8   (0 raw, 1 zstd, >=2 see coralfs.tensorcodec)
     width           u8   element width in bytes (1 for non-tensor data)
     nbases          u8   number of base chunk ids that follow the header
-    gen             u8   chain policy: the version's generation in its lineage (capped at 255)
-    depth           u16  delta-chain depth when encoded (0 = decodes on its own)
+    gen             u8   chain policy: a tensor piece's generation (capped at 255; see coralfs.ingest)
+    depth           u16  delta-chain depth (0 = decodes on its own)
     raw_len         u64  length of the decoded bytes
-    below_n         u16  v2, keyframes: older versions whose reverse-delta chains end here
-    below_load      u16  v2, keyframes: bytes of those deltas along the longest such chain,
-                         in 1/256ths of raw_len (what reading the oldest of them adds)
     bases           nbases * 32 bytes
     payload
 
@@ -35,12 +32,10 @@ from coralfs.errors import FormatError
 from coralfs.hashing import ID_LEN
 
 MAGIC = b"CRF"
-VERSION = 2
-_HEADER_V1 = struct.Struct("<3sBBBBBHQ")
-_HEADER = struct.Struct("<3sBBBBBHQHH")
-HEADER_LEN = _HEADER.size  # the longest header (a prefix this long holds any header's fields)
+VERSION = 1
+_HEADER = struct.Struct("<3sBBBBBHQ")
+HEADER_LEN = _HEADER.size
 PEEK_LEN = HEADER_LEN + 2 * ID_LEN  # enough of a record to parse its header (at most two bases)
-LOAD_UNIT = 256
 
 RAW = 0
 ZSTD = 1
@@ -73,49 +68,29 @@ class RecordHeader:
     bases: tuple[bytes, ...]
     payload_offset: int
     gen: int = 0
-    below_n: int = 0
-    below_load: int = 0  # in 1/LOAD_UNIT of raw_len
 
 
 def parse_header(value: bytes | memoryview) -> RecordHeader:
-    if len(value) < _HEADER_V1.size:
+    if len(value) < HEADER_LEN:
         raise FormatError("chunk record too short")
-    if bytes(value[:3]) != MAGIC:
+    magic, version, codec, width, nbases, gen, depth, raw_len = _HEADER.unpack_from(value, 0)
+    if magic != MAGIC:
         raise FormatError("chunk record has a bad magic")
-    version = value[3]
-    below_n = below_load = 0
-    if version == 2:
-        if len(value) < _HEADER.size:
-            raise FormatError("chunk record too short")
-        _, _, codec, width, nbases, gen, depth, raw_len, below_n, below_load = _HEADER.unpack_from(value, 0)
-        start = _HEADER.size
-    elif version == 1:
-        _, _, codec, width, nbases, gen, depth, raw_len = _HEADER_V1.unpack_from(value, 0)
-        start = _HEADER_V1.size
-    else:
+    if version != VERSION:
         raise FormatError(f"chunk record version {version} is not supported")
     if codec not in CODEC_NAMES:
         raise FormatError(f"unknown codec id {codec}")
-    end = start + nbases * ID_LEN
+    end = HEADER_LEN + nbases * ID_LEN
     if len(value) < end:
         raise FormatError("chunk record truncated")
-    bases = tuple(bytes(value[start + i * ID_LEN : start + (i + 1) * ID_LEN]) for i in range(nbases))
-    return RecordHeader(codec, width, depth, raw_len, bases, end, gen, below_n, below_load)
+    bases = tuple(bytes(value[HEADER_LEN + i * ID_LEN : HEADER_LEN + (i + 1) * ID_LEN]) for i in range(nbases))
+    return RecordHeader(codec, width, depth, raw_len, bases, end, gen)
 
 
 def pack(codec: int, width: int, raw_len: int, payload: bytes | memoryview,
-         bases: tuple[bytes, ...] = (), depth: int = 0, gen: int = 0, below_n: int = 0,
-         below_load: int = 0) -> bytes:
-    header = _HEADER.pack(MAGIC, VERSION, codec, width, len(bases), min(gen, 255), depth, raw_len,
-                          min(below_n, 0xFFFF), min(below_load, 0xFFFF))
+         bases: tuple[bytes, ...] = (), depth: int = 0, gen: int = 0) -> bytes:
+    header = _HEADER.pack(MAGIC, VERSION, codec, width, len(bases), min(gen, 255), depth, raw_len)
     return b"".join((header, *bases, payload))
-
-
-def with_below(record: bytes, below_n: int, below_load: int) -> bytes:
-    """A version 2 record with its ``below_n``/``below_load`` fields set (same encoding)."""
-    h = parse_header(record)
-    return pack(h.codec, h.width, h.raw_len, memoryview(record)[h.payload_offset :], h.bases, h.depth, h.gen,
-                below_n, below_load)
 
 
 def encode_bytes(raw: bytes | memoryview) -> bytes:

@@ -38,7 +38,7 @@ from coralfs.errors import (
     WouldOverwrite,
 )
 from coralfs.hashing import hasher
-from coralfs.ingest import DEFAULT_MAX_DEPTH, Ingestor, IngestStats, MappedFile, Progress
+from coralfs.ingest import DEFAULT_MAX_DEPTH, PENDING_PREFIX, Ingestor, IngestStats, MappedFile, Progress
 from coralfs.objects import (
     MODE_EXEC,
     MODE_FILE,
@@ -51,12 +51,11 @@ from coralfs.objects import (
 )
 from coralfs.objectstore import ObjectStore
 from coralfs.reader import FileReader, FileView
+from coralfs.repack import RepackStats, pending_count, repack
 from coralfs.store import Store, Txn
 
 CORAL_DIR = ".coralfs"
-# 2: chunk records may be version 2 (reverse delta chains; coralfs.records). Format 1
-# repositories are upgraded in place on open: their records stay readable as they are.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 1
 _REV_SUFFIX = re.compile(r"(~\d*|\^\d*)$")
 _HEX = re.compile(r"^[0-9a-f]{4,64}$")
 
@@ -112,7 +111,7 @@ class Repository:
     """A coralfs repository. ``Repository(path)`` opens one; ``Repository.init(path)`` makes one."""
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *, cache_bytes: int = 256 << 20,
-                 threads: int = 2) -> None:
+                 threads: int = 2, auto_repack: bool | None = None) -> None:
         self.root = self._locate(path)
         self.control = os.path.join(self.root, CORAL_DIR)
         self.store = Store(os.path.join(self.control, "store"))
@@ -122,22 +121,17 @@ class Repository:
         self.config: dict[str, Any] = json.loads(raw) if raw else {}
         if self.config.get("format", FORMAT_VERSION) > FORMAT_VERSION:
             raise CoralError(f"repository format {self.config['format']} is newer than this coralfs")
-        if raw and self.config.get("format", FORMAT_VERSION) < FORMAT_VERSION:
-            self._upgrade_format()
         self.ingestor = Ingestor(self.objects, int(self.config.get("max_depth", DEFAULT_MAX_DEPTH)), threads)
         self._lock_local = threading.local()
-
-    def _upgrade_format(self) -> None:
-        """Mark the repository as written by this format, so older coralfs versions refuse
-        it instead of failing on records they cannot read."""
-        def fn(t: Txn) -> dict[str, Any]:
-            cfg = json.loads(t.get("config", b"config") or b"{}")
-            if cfg.get("format", 1) < FORMAT_VERSION:
-                cfg["format"] = FORMAT_VERSION
-                t.put("config", b"config", json.dumps(cfg).encode())
-            return cfg
-
-        self.config = self.store.write(fn)
+        if auto_repack is None:
+            auto_repack = os.environ.get("CORALFS_AUTO_REPACK", "1") != "0"
+        self.auto_repack = auto_repack
+        self._repack_lock = threading.Lock()
+        self._repack_thread: threading.Thread | None = None
+        self._repack_again = False
+        self._repack_stop = threading.Event()
+        self._repack_error: BaseException | None = None
+        self.repack_stats = RepackStats()
 
     # ---------------------------------------------------------------- gc interlock
     @contextlib.contextmanager
@@ -222,7 +216,61 @@ class Repository:
         store.close()
         return cls(root, **kw)
 
+    # ---------------------------------------------------------------- repacking
+    def repack(self) -> RepackStats:
+        """Apply every pending demotion now (coralfs.repack): replaced versions become reverse
+        deltas against their successors, or stay whole as anchors."""
+        return repack(self.objects, self.writing)
+
+    def pending_demotions(self) -> int:
+        return pending_count(self.objects)
+
+    def repack_soon(self) -> None:
+        """Repack on a background thread at a low CPU priority (one at a time; started
+        again if more work arrives while it runs). Commits call this: they return before
+        the re-encoding, which a training loop or the mount overlaps with its work."""
+        with self._repack_lock:
+            if self._repack_stop.is_set():
+                return
+            if self._repack_thread is not None and self._repack_thread.is_alive():
+                self._repack_again = True
+                return
+            self._repack_again = False
+            self._repack_thread = threading.Thread(target=self._repack_loop, name="coralfs-repack")
+            self._repack_thread.start()
+
+    def _repack_loop(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # a low priority for this thread (Linux)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        while True:
+            try:
+                self.repack_stats.add(repack(self.objects, self.writing, self._repack_stop))
+            except Exception as e:  # noqa: BLE001 - the work stays queued; reported by wait_repack
+                self._repack_error = e
+            with self._repack_lock:
+                if not self._repack_again or self._repack_stop.is_set():
+                    self._repack_thread = None
+                    return
+                self._repack_again = False
+
+    def wait_repack(self, timeout: float | None = None) -> bool:
+        """Wait for the background repack; True when none is running. Raises what it failed with."""
+        th = self._repack_thread
+        if th is not None:
+            th.join(timeout)
+        err, self._repack_error = self._repack_error, None
+        if err is not None:
+            raise err
+        return self._repack_thread is None or not self._repack_thread.is_alive()
+
     def close(self) -> None:
+        """Close the repository, after the background repack has finished its work."""
+        with contextlib.suppress(Exception):  # what it did not finish stays queued
+            self.wait_repack()
+        self._repack_stop.set()
+        th = self._repack_thread
+        if th is not None:
+            th.join()
         self.store.close()
 
     def __enter__(self) -> Repository:
@@ -706,7 +754,10 @@ class Repository:
                 txn_hook(t, cid)
             return cid
 
-        return self.store.write(fn)
+        cid = self.store.write(fn)
+        if self.auto_repack:
+            self.repack_soon()
+        return cid
 
     # ---------------------------------------------------------------- status & checkout
     def _file_matches(self, t: Txn, fs_path: str, path: str, entry: TreeEntry, st: os.stat_result) -> bool:
@@ -877,7 +928,7 @@ class Repository:
         delta = 0
         with self.store.read() as t:
             n_chunks = 0
-            for _, size, head in t.scan("chunks", records.PEEK_LEN):  # headers only
+            for _, size, head in t.scan("chunks", records.HEADER_LEN + 2 * 32):  # headers only
                 h = records.parse_header(head)
                 d = by_codec.setdefault(records.CODEC_NAMES[h.codec], {"chunks": 0, "raw": 0, "stored": 0})
                 d["chunks"] += 1
@@ -887,6 +938,7 @@ class Repository:
                 n_chunks += 1
                 delta += 1 if h.bases else 0
             objects_bytes = sum(len(v) for _, v in t.items("objects"))
+            pending = sum(1 for _ in t.keys("index", PENDING_PREFIX))
         info = self.store.info()
         stored = stored_chunks + objects_bytes
         return {
@@ -895,6 +947,7 @@ class Repository:
             "chunk_refs": refs_to_chunks, "dedup_hits": refs_to_chunks - len(unique_chunks),
             "object_bytes": objects_bytes, "by_codec": by_codec, "lmdb_file_bytes": info["file_size"],
             "lmdb_pages_used": info["last_pgno"] + 1, "page_size": info["psize"],
+            "pending_demotions": pending,
         }
 
 

@@ -11,7 +11,7 @@ LAYERS: list[set[str]] = [
     {"errors", "hashing", "kernels", "tensorcodec"},
     {"records"},
     {"store"},
-    {"objects", "refs", "formats", "objectstore", "ingest", "reader"},
+    {"objects", "refs", "formats", "objectstore", "ingest", "reader", "repack"},
     {"repository"},
     {"diff", "merge", "export", "gc", "fsck", "prune", "torch", "mountview", "mountwrite"},
     {"cli", "fuse", "__main__"},

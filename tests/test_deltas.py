@@ -62,6 +62,7 @@ def test_grown_vocabulary_is_a_delta_over_the_common_rows(repo):
     data = save({"embed": grown})
     repo.add([_write(repo, "m.safetensors", data)])
     repo.commit("grown vocab")
+    repo.wait_repack()
     head = _header(repo, "HEAD", "m.safetensors", "embed")
     assert not head.bases, "the newest version is stored whole"
     h = _header(repo, "HEAD~1", "m.safetensors", "embed")
@@ -93,6 +94,7 @@ def test_stats_arithmetic(repo):
         sizes.append(len(data))
         repo.add([_write(repo, "m.safetensors", data)])
         repo.commit(f"v{i}")
+    repo.wait_repack()
     s = repo.stats()
     assert s["file_versions"] == 3 and s["logical_bytes"] == sum(sizes)
     with repo.store.read() as t:
@@ -180,28 +182,33 @@ def _series(repo, n: int, seed: int = 0, path: str = "m.safetensors") -> list[by
         datas.append(save({"w": w}))
         repo.add([_write(repo, path, datas[-1])])
         repo.commit(f"v{v}")
+    repo.wait_repack()
     return datas
 
 
 def test_previous_version_is_demoted_against_the_new_head(repo):
-    from coralfs import ingest
+    from coralfs import repack
+    from coralfs.repack import read_below
 
     datas = _series(repo, 3)
     v0, v1, v2 = (_chunk(repo, r) for r in ("HEAD~2", "HEAD~1", "HEAD"))
     h0, h1, h2 = (repo.objects.chunk_header(c) for c in (v0, v1, v2))
     assert not h2.bases and h1.bases == (v2,) and h0.bases == (v1,)
-    assert h2.below_n == 2 and h2.below_load > 0  # the chain hanging below the head
-    assert len(repo.objects.chunk_record(v1)) < ingest.KEEP_RATIO * len(repo.objects.chunk_record(v2))
+    with repo.store.read() as t:
+        n, load = read_below(t, v2)  # the chain hanging below the head
+        assert read_below(t, v1) == (0, 0) and read_below(t, v0) == (0, 0)
+    assert n == 2 and 0 < load < 2 * repack.LOAD_UNIT
+    assert len(repo.objects.chunk_record(v1)) < repack.KEEP_RATIO * len(repo.objects.chunk_record(v2))
     repo.objects.chunk_cache.clear()
     for rev, data in zip(("HEAD~2", "HEAD~1", "HEAD"), datas, strict=True):
         assert sha256(repo.open(rev, "m.safetensors").read()) == sha256(data)
 
 
 def test_root_and_budget_anchors(repo, monkeypatch):
-    from coralfs import ingest
+    from coralfs import repack
 
-    monkeypatch.setattr(ingest, "ROOT_KEEP_RATIO", 0.0)  # the first version: always kept
-    monkeypatch.setattr(ingest, "REVERSE_MAX_BELOW", 2)  # at most two deltas above a keyframe
+    monkeypatch.setattr(repack, "ROOT_KEEP_RATIO", 0.0)  # the first version: always kept
+    monkeypatch.setattr(repack, "REVERSE_MAX_BELOW", 2)  # at most two deltas above a keyframe
     datas = _series(repo, 7)
     revs = [f"HEAD~{i}" for i in range(6, 0, -1)] + ["HEAD"]
     lengths = []
@@ -229,12 +236,14 @@ def test_a_fork_demotes_its_base_once(repo):
     data_main = save({"w": _finetune(w0, 7)})
     repo.add([_write(repo, "m.safetensors", data_main)])
     repo.commit("main v1")
+    repo.wait_repack()
     main_head = _chunk(repo, "main")
     assert repo.objects.chunk_header(base).bases == (main_head,)
     repo.checkout("b")
     data_b = save({"w": _finetune(w0, 8)})
     repo.add([_write(repo, "m.safetensors", data_b)])
     repo.commit("b v1")
+    repo.wait_repack()
     assert not repo.objects.chunk_header(_chunk(repo, "b")).bases
     assert repo.objects.chunk_header(base).bases == (main_head,)  # demoted once, by main
     repo.objects.chunk_cache.clear()
@@ -244,58 +253,18 @@ def test_a_fork_demotes_its_base_once(repo):
 
 
 def test_a_demotion_is_applied_only_between_keyframes(repo):
-    """Another process may change either record between encoding and writing: a demotion
-    whose previous version is no longer a keyframe, or whose new version was stored as a
-    delta, is skipped (so a delta always points at a chunk that was a keyframe)."""
-    from coralfs.ingest import Demotion, Ingestor, IngestStats
+    """Either record may change between queueing a demotion and applying it: a demotion
+    whose previous version is no longer a keyframe, or whose new version is a delta, is
+    dropped (so a delta always points at a chunk that was a keyframe: no cycles)."""
+    from coralfs.ingest import pending_key
 
     _series(repo, 2)
     v0, v1 = _chunk(repo, "HEAD~1"), _chunk(repo, "HEAD")
     rec0, rec1 = repo.objects.chunk_record(v0), repo.objects.chunk_record(v1)
-    assert records.parse_header(rec0).bases == (v1,)
-    # v1 (a keyframe) demoted against v0, which is a delta: skipped (it would close a cycle)
-    fake = records.pack(records.parse_header(rec0).codec, 4, 1, b"x", (v0,), 1)
-    stats = IngestStats()
-    repo.store.write(lambda t: Ingestor._write(t, [], [Demotion(v1, fake, v0, len(rec1))], stats))
-    assert stats.demoted == 0 and repo.objects.chunk_record(v1) == rec1
-    # v0 is a delta already: a second demotion of it is skipped too
-    repo.store.write(lambda t: Ingestor._write(t, [], [Demotion(v0, fake, v1, len(rec0))], stats))
-    assert stats.demoted == 0 and repo.objects.chunk_record(v0) == rec0
-    repo.objects.chunk_cache.clear()
-    assert repo.open("HEAD~1", "m.safetensors").read() and repo.open("HEAD", "m.safetensors").read()
-
-
-def test_format_1_repository_reads_and_upgrades(repo):
-    """Records written before reverse chains (record version 1, no below fields) still
-    decode; opening such a repository marks it format 2 so older coralfs refuses it."""
-    import json
-    import struct
-
-    from coralfs.repository import Repository
-
-    datas = _series(repo, 3)
-    v1 = struct.Struct("<3sBBBBBHQ")
-
-    def downgrade(t) -> None:
-        for cid, v in list(t.items("chunks")):
-            h = records.parse_header(v)
-            head = v1.pack(b"CRF", 1, h.codec, h.width, len(h.bases), h.gen, h.depth, h.raw_len)
-            t.put("chunks", cid, b"".join((head, *h.bases, v[h.payload_offset:])))
-        cfg = json.loads(t.get("config", b"config"))
-        cfg["format"] = 1
-        t.put("config", b"config", json.dumps(cfg).encode())
-
-    repo.store.write(downgrade)
-    root = repo.root
-    with Repository(root) as old:
-        assert old.config["format"] == 2
-        with old.store.read() as t:
-            assert all(v[3] == 1 for _, v in t.items("chunks"))
-        for i, data in enumerate(datas):
-            assert sha256(old.open(f"HEAD~{2 - i}", "m.safetensors").read()) == sha256(data)
-        new = save({"w": load(datas[-1])["w"] * 1.001})
-        old.add([_write(old, "m.safetensors", new)])
-        old.commit("v3")
-        old.objects.chunk_cache.clear()
-        assert sha256(old.open("HEAD", "m.safetensors").read()) == sha256(new)
-        assert sha256(old.open("HEAD~1", "m.safetensors").read()) == sha256(datas[-1])
+    assert records.parse_header(rec0).bases == (v1,) and repo.pending_demotions() == 0
+    # v1 (a keyframe) against v0 (a delta against v1): would close a cycle; v0 again: not a keyframe
+    repo.store.write(lambda t: (t.put("index", pending_key(v0, v1), b""), t.put("index", pending_key(v1, v0), b"")))
+    assert repo.pending_demotions() == 2
+    s = repo.repack()
+    assert (s.examined, s.dropped, s.demoted) == (2, 2, 0) and repo.pending_demotions() == 0
+    assert repo.objects.chunk_record(v1) == rec1 and repo.objects.chunk_record(v0) == rec0

@@ -1,4 +1,4 @@
-"""Maintenance commands: prune, gc, fsck, storage."""
+"""Maintenance commands: prune, gc, repack, fsck, storage."""
 
 from __future__ import annotations
 
@@ -38,6 +38,15 @@ def register(sub: Any) -> None:
                         "process has the repository open)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("repack", parents=[common], help="re-encode replaced versions as reverse deltas",
+                       description="Commits store each new version of a file whole and re-encode the "
+                                   "version it replaced as a delta against it in the background (the "
+                                   "committing process waits for that work before it exits). This "
+                                   "finishes work left queued (a process killed, or "
+                                   "CORALFS_AUTO_REPACK=0).")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_repack)
 
     p = sub.add_parser("fsck", parents=[common], help="verify the repository's integrity",
                        description="Check refs, objects, every file's content hash (through delta "
@@ -102,6 +111,19 @@ def cmd_gc(args: argparse.Namespace, repo: Any) -> int:
                    + (" (compacted)" if s.compacted else " (reused by later writes)"))
     for p in s.problems:
         cli.out(f"warning: {p}")
+    return 0
+
+
+def cmd_repack(args: argparse.Namespace, repo: Any) -> int:
+    from dataclasses import asdict
+
+    s = repo.repack()
+    if args.json:
+        cli.print_json(asdict(s))
+        return 0
+    h = cli.human_size
+    cli.info(args, f"{s.examined} replaced versions: {s.demoted} re-encoded as deltas ({h(s.bytes_before)} -> "
+                   f"{h(s.bytes_after)}), {s.kept} kept whole, {s.dropped} no longer needed; {s.seconds:.1f} s")
     return 0
 
 

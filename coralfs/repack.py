@@ -1,0 +1,202 @@
+"""The repacker: turns replaced versions into reverse deltas against their successors.
+
+Ingest stores every new version of a tensor piece whole (a keyframe) and queues a
+pending demotion (N, P) when the version P it replaces is a keyframe (coralfs.ingest).
+Repacking re-encodes P as a delta against N, in place (a chunk id is the hash of the
+decoded bytes, so nothing that points at P changes), or keeps P whole as an *anchor*
+that bounds the chains hanging below it. P stays whole when
+
+* the chain below it would pass ``REVERSE_MAX_BELOW`` deltas, or its deltas would hold
+  more than ``LOAD_BUDGET`` times the piece's bytes (reading the oldest version below it
+  would cost too much);
+* the delta is not smaller than ``KEEP_RATIO`` of P's record (not worth a slower read);
+* P is the first version of its lineage and the delta is not smaller than
+  ``ROOT_KEEP_RATIO`` of it: both ends of a history stay one record per piece where that
+  costs little storage (training from scratch, where a delta saves ~12%), while
+  fine-tunes, whose deltas save 60-90%, keep their storage.
+
+What a keyframe knows about the chains ending at it lives in the index (``BELOW_PREFIX``
++ chunk id -> deltas on the longest chain, their bytes in 1/256ths of the piece).
+
+Each demotion is applied in a write transaction that first checks P and N are both still
+keyframes, so every delta points at a chunk that was a keyframe when the delta was
+written: chains cannot form a cycle. A repack killed at any point leaves every record
+decodable and its remaining work queued; running it again finishes it.
+
+Commits return before their repack: ``Repository`` runs it on a background thread at a
+low CPU priority and waits for it when closed (see ``Repository.repack_soon``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass
+
+from coralfs import records
+from coralfs.errors import CoralError
+from coralfs.hashing import ID_LEN
+from coralfs.ingest import PENDING_PREFIX
+from coralfs.objectstore import ObjectStore
+from coralfs.store import Txn
+
+REVERSE_MAX_BELOW = 15  # at most this many deltas on a chain above a keyframe
+LOAD_BUDGET = 4.0  # ... holding at most this many times the piece's bytes
+KEEP_RATIO = 0.9  # a delta must be smaller than this fraction of the record it replaces
+ROOT_KEEP_RATIO = 0.75  # ... and than this one for the first version of a lineage
+LOAD_UNIT = 256
+BELOW_PREFIX = b"rv\x00"
+_BELOW = struct.Struct("<HI")
+WINDOW = 16  # pending demotions encoded at once
+BATCH_BYTES = 32 << 20  # records written per transaction
+
+
+@dataclass
+class RepackStats:
+    examined: int = 0
+    demoted: int = 0
+    kept: int = 0  # left whole: anchors, deltas that do not pay
+    dropped: int = 0  # stale entries: a chunk gone, or no longer a keyframe
+    bytes_before: int = 0  # records of the demoted chunks, before
+    bytes_after: int = 0  # ... and after
+    seconds: float = 0.0
+
+    def add(self, other: RepackStats) -> None:
+        for k, v in asdict(other).items():
+            setattr(self, k, getattr(self, k) + v)
+
+
+@dataclass
+class _Job:
+    key: bytes
+    new: bytes
+    prev: bytes
+    record: bytes | None = None  # prev encoded against new; None: keep prev whole (or stale)
+    prev_len: int = 0
+    raw_len: int = 0
+    gen: int = 0
+    stale: bool = False
+
+
+def below_key(cid: bytes) -> bytes:
+    return BELOW_PREFIX + cid
+
+
+def read_below(t: Txn, cid: bytes) -> tuple[int, int]:
+    v = t.get("index", below_key(cid))
+    return _BELOW.unpack(v) if v is not None and len(v) == _BELOW.size else (0, 0)
+
+
+def pending_count(ostore: ObjectStore) -> int:
+    with ostore.store.read() as t:
+        return sum(1 for _ in t.keys("index", PENDING_PREFIX))
+
+
+def _entries(ostore: ObjectStore, limit: int) -> list[_Job]:
+    out = []
+    with ostore.store.read() as t:
+        for k in t.keys("index", PENDING_PREFIX):
+            body = k[len(PENDING_PREFIX) + 8 :]
+            if len(body) != 2 * ID_LEN:
+                raise CoralError(f"malformed pending demotion {k.hex()}")
+            out.append(_Job(k, body[:ID_LEN], body[ID_LEN:]))
+            if len(out) >= limit:
+                break
+    return out
+
+
+def _encode(ostore: ObjectStore, job: _Job) -> _Job:
+    """Read both versions (verified) and encode the older against the newer."""
+    try:
+        hp, job.prev_len = ostore.chunk_info(job.prev)
+        hn, _ = ostore.chunk_info(job.new)
+    except CoralError:
+        job.stale = True
+        return job
+    if hp.bases or hn.bases:
+        job.stale = True
+        return job
+    job.raw_len, job.gen = hp.raw_len, hp.gen
+    with ostore.store.read() as t:
+        n, load = read_below(t, job.prev)
+    if n + 1 > REVERSE_MAX_BELOW or load >= LOAD_BUDGET * LOAD_UNIT:
+        return job  # an anchor: no need to encode
+    new = ostore.get_chunk(job.new)
+    job.record = records.encode_tensor(ostore.get_chunk(job.prev), hp.width, (job.new, new), None, 0, hp.gen)
+    return job
+
+
+def _decide(job: _Job, below: tuple[int, int]) -> tuple[int, int] | None:
+    """The new keyframe's below counters if ``job`` demotes, else None (keep prev whole)."""
+    if job.record is None:
+        return None
+    n, load = below
+    new_load = load + -(-len(job.record) * LOAD_UNIT // max(1, job.raw_len))
+    ratio = KEEP_RATIO if job.gen else ROOT_KEEP_RATIO
+    if (n + 1 > REVERSE_MAX_BELOW or new_load > LOAD_BUDGET * LOAD_UNIT or len(job.record) >= ratio * job.prev_len
+            or not records.parse_header(job.record).bases):
+        return None
+    return n + 1, new_load
+
+
+def _apply(t: Txn, jobs: list[_Job], stats: RepackStats) -> None:
+    for job in jobs:
+        t.delete("index", job.key)
+        stats.examined += 1
+        old = t.peek("chunks", job.prev, records.PEEK_LEN)
+        new = t.peek("chunks", job.new, records.PEEK_LEN)
+        if (job.stale or old is None or new is None or records.parse_header(old[0]).bases
+                or records.parse_header(new[0]).bases):
+            stats.dropped += 1
+            continue
+        below = _decide(job, read_below(t, job.prev))
+        if below is None:
+            stats.kept += 1
+            continue
+        assert job.record is not None
+        t.put("chunks", job.prev, job.record)
+        t.put("index", below_key(job.new), _BELOW.pack(*below))
+        t.delete("index", below_key(job.prev))
+        stats.demoted += 1
+        stats.bytes_before += old[1]
+        stats.bytes_after += len(job.record)
+
+
+def repack(ostore: ObjectStore, lock: Callable[[], AbstractContextManager[object]] | None = None,
+           stop: threading.Event | None = None, threads: int = 2) -> RepackStats:
+    """Apply every pending demotion (until ``stop`` is set); see the module docstring.
+    ``lock``: held around each write (the repository's ``writing``, so gc never runs
+    between a check and a write)."""
+    t0 = time.monotonic()
+    stats = RepackStats()
+    vstore = ObjectStore(ostore.store, cache_bytes=64 << 20)  # a private cache: reads keep theirs
+    hold = lock or contextlib.nullcontext
+    with ThreadPoolExecutor(threads, thread_name_prefix="coralfs-repack") as pool:
+        while stop is None or not stop.is_set():
+            jobs = _entries(vstore, WINDOW)
+            if not jobs:
+                break
+            done = list(pool.map(lambda j: _encode(vstore, j), jobs))
+            for part in _batches(done):
+                with hold():
+                    ostore.store.write(lambda t, part=part: _apply(t, part, stats))
+    stats.seconds = time.monotonic() - t0
+    return stats
+
+
+def _batches(jobs: list[_Job]) -> Iterator[list[_Job]]:
+    part: list[_Job] = []
+    size = 0
+    for j in jobs:
+        part.append(j)
+        size += len(j.record or b"")
+        if size >= BATCH_BYTES:
+            yield part
+            part, size = [], 0
+    if part:
+        yield part

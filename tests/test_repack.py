@@ -1,0 +1,151 @@
+"""The repacker: background demotions, crash safety, concurrency with readers, the CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+
+from coralfs.cli import main as cli_main
+from coralfs.fsck import fsck
+from coralfs.repository import Repository
+
+
+def _versions(n: int) -> list[bytes]:
+    g = torch.Generator().manual_seed(3)
+    sd = {f"t{i}": torch.randn(300_000, generator=g) for i in range(3)}
+    out = []
+    for _ in range(n):
+        sd = {k: t + 1e-3 * torch.randn(t.shape, generator=g) for k, t in sd.items()}
+        out.append(save(sd))
+    return out
+
+
+def _commit_all(repo: Repository, datas: list[bytes]) -> list[bytes]:
+    ids = []
+    p = os.path.join(repo.root, "m.safetensors")
+    for i, d in enumerate(datas):
+        with open(p, "wb") as f:
+            f.write(d)
+        repo.add([p])
+        ids.append(repo.commit(f"v{i}"))
+    return ids
+
+
+def _check(repo: Repository, ids: list[bytes], datas: list[bytes]) -> None:
+    repo.objects.chunk_cache.clear()
+    for c, d in zip(ids, datas, strict=True):
+        assert hashlib.sha256(repo.open(c.hex(), "m.safetensors").read()).digest() == hashlib.sha256(d).digest()
+
+
+def _delta_pieces(repo: Repository, cid: bytes) -> int:
+    m = repo.get_manifest(repo.entry(cid.hex(), "m.safetensors").manifest)
+    return sum(1 for c in m.chunk_ids() if repo.objects.chunk_header(c).bases)
+
+
+def test_commits_queue_and_close_finishes_the_work(tmp_path: Path) -> None:
+    datas = _versions(4)
+    with Repository.init(tmp_path / "r") as repo:
+        repo.auto_repack = False
+        ids = _commit_all(repo, datas)
+        assert repo.pending_demotions() > 0 and repo.stats()["pending_demotions"] == repo.pending_demotions()
+        assert all(_delta_pieces(repo, c) == 0 for c in ids)  # every version still whole
+        before = repo.stats()["stored_bytes"]
+        repo.auto_repack = True
+        repo.repack_soon()  # the background thread; close() waits for it
+    with Repository(tmp_path / "r") as repo:
+        assert repo.pending_demotions() == 0
+        assert all(_delta_pieces(repo, c) > 0 for c in ids[:-1]) and _delta_pieces(repo, ids[-1]) == 0
+        assert repo.stats()["stored_bytes"] < 0.8 * before
+        _check(repo, ids, datas)
+        assert fsck(repo).ok
+
+
+def test_repack_killed_midway_then_rerun(tmp_path: Path) -> None:
+    datas = _versions(5)
+    root = str(tmp_path / "r")
+    with Repository.init(root, auto_repack=False) as repo:
+        ids = _commit_all(repo, datas)
+        pending = repo.pending_demotions()
+    code = textwrap.dedent(f"""
+        import os, signal
+        from coralfs import repack
+        from coralfs.repository import Repository
+        repack.WINDOW = 1  # one demotion per transaction
+        repo = Repository({root!r}, auto_repack=False)
+        real, n = repo.store.write, [0]
+        def write(fn):
+            n[0] += 1
+            if n[0] == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(fn)
+        repo.store.write = write
+        repo.repack()
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL, r.stderr.decode()
+    with Repository(root, auto_repack=False) as repo:
+        left = repo.pending_demotions()
+        assert 0 < left < pending  # three demotions landed, the rest is still queued
+        _check(repo, ids, datas)
+        assert fsck(repo).ok
+        s = repo.repack()
+        assert s.examined == left and repo.pending_demotions() == 0
+        _check(repo, ids, datas)
+        assert fsck(repo).ok
+
+
+def test_readers_during_repack_always_get_exact_bytes(tmp_path: Path) -> None:
+    datas = _versions(6)
+    with Repository.init(tmp_path / "r", auto_repack=False) as repo:
+        ids = _commit_all(repo, datas)
+        reader = Repository(repo.root, cache_bytes=0, auto_repack=False)
+        expect = [hashlib.sha256(d).digest() for d in datas]
+        stop, errors, reads = threading.Event(), [], [0]
+
+        def loop() -> None:
+            while not stop.is_set():
+                for c, h in zip(ids, expect, strict=True):
+                    try:
+                        assert hashlib.sha256(reader.open(c.hex(), "m.safetensors").read()).digest() == h
+                        reads[0] += 1
+                    except BaseException as e:  # noqa: BLE001
+                        errors.append(e)
+                        return
+
+        th = threading.Thread(target=loop)
+        th.start()
+        try:
+            s = repo.repack()
+        finally:
+            stop.set()
+            th.join()
+        reader.close()
+        assert not errors, errors[0]
+        assert s.demoted > 0 and reads[0] > 0
+
+
+def test_cli_repack_and_auto_repack_off(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("CORALFS_AUTO_REPACK", "0")
+    datas = _versions(3)
+    with Repository.init(tmp_path / "r") as repo:
+        assert not repo.auto_repack
+        ids = _commit_all(repo, datas)
+        pending = repo.pending_demotions()
+    assert pending > 0
+    capsys.readouterr()
+    assert cli_main(["-R", str(tmp_path / "r"), "repack", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["examined"] == pending and out["demoted"] > 0 and out["bytes_after"] < out["bytes_before"]
+    with Repository(tmp_path / "r") as repo:
+        assert repo.pending_demotions() == 0
+        _check(repo, ids, datas)

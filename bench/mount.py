@@ -177,7 +177,7 @@ def build_repo(series: list[Path], ft: list[Path], big: Path) -> tuple[str, dict
     sources = [*series, ft[0], ft[-1], big]
     key: list[Any] = [[str(p), p.stat().st_size, int(p.stat().st_mtime)] for p in sources]
     code = hashlib.sha256()  # a change to how data is stored rebuilds the repository
-    for mod in ("ingest.py", "records.py", "tensorcodec.py", "objects.py"):
+    for mod in ("ingest.py", "records.py", "tensorcodec.py", "objects.py", "repack.py"):
         f = ROOT / "coralfs" / mod
         if f.exists():
             code.update(f.read_bytes())
@@ -195,14 +195,17 @@ def build_repo(series: list[Path], ft: list[Path], big: Path) -> tuple[str, dict
     r = Repository.init(repo_dir)
     try:
         series_commits = []
+        prev = None  # each version committed over the previous one, as `coralfs add` does
         for p in series:
-            e, _ = r.ingest_file(p, "scratch/ckpt.pt")
-            series_commits.append(r.commit_changes("main", {"scratch/ckpt.pt": e}, f"scratch {p.name}").hex())
+            prev, _ = r.ingest_file(p, "scratch/ckpt.pt", prev)
+            series_commits.append(r.commit_changes("main", {"scratch/ckpt.pt": prev}, f"scratch {p.name}").hex())
+        prev = None
         for p in (ft[0], ft[-1]):
-            e, _ = r.ingest_file(p, "ft/model.safetensors")
-            r.commit_changes("main", {"ft/model.safetensors": e}, f"finetune {p.name}")
+            prev, _ = r.ingest_file(p, "ft/model.safetensors", prev)
+            r.commit_changes("main", {"ft/model.safetensors": prev}, f"finetune {p.name}")
         e, _ = r.ingest_file(big, "big/train.pt")
         r.commit_changes("main", {"big/train.pt": e}, "big checkpoint")
+        r.wait_repack()
         stats = r.stats()
     finally:
         r.close()

@@ -150,6 +150,7 @@ def run_coralfs(versions: list[Version], root: Path) -> CoralResult:
             seconds.append(time.perf_counter() - t0)
             stored.append(st.stored)
             prev = set(v)
+        repo.wait_repack()  # the last replaced versions: re-encoded in the background
         stats = repo.stats()
     finally:
         repo.close()
@@ -412,7 +413,8 @@ def run_throughput(all_versions: dict[str, list[Version]], coral: dict[str, Cora
     warm(src, *([prev] if prev else []))
     tmp.mkdir(parents=True, exist_ok=True)
 
-    def ingest(with_prev: bool) -> float:
+    def ingest(with_prev: bool) -> tuple[float, float]:
+        """(add + commit, add + commit + the background repack of the replaced version)."""
         root = tmp / "ingest"
         shutil.rmtree(root, ignore_errors=True)
         repo = Repository.init(root)
@@ -422,17 +424,20 @@ def run_throughput(all_versions: dict[str, list[Version]], coral: dict[str, Cora
                 place({rel: prev}, root)
                 repo.add([root / rel])
                 repo.commit("previous")
+                repo.wait_repack()
             place({rel: src}, root, [rel])
             t0 = time.perf_counter()
             repo.add([root / rel])
             cid = repo.commit("timed")
             dt = time.perf_counter() - t0
+            repo.wait_repack()
+            dt_all = time.perf_counter() - t0
         finally:
             repo.close()
         blocks, _ = read_coralfs(root, cid, rel)
         check_blocks(blocks, src, f"ingest test {rel}")
         shutil.rmtree(root, ignore_errors=True)
-        return dt
+        return dt, dt_all
 
     log(f"throughput: ingest of {label}")
     out = tmp / "ingest.zst"
@@ -444,26 +449,31 @@ def run_throughput(all_versions: dict[str, list[Version]], coral: dict[str, Cora
         return time.perf_counter() - t0
 
     # interleaved, so a burst of load from other processes hits both sides alike
-    times: dict[str, list[float]] = {"first": [], "next": [], "zstd": []}
+    times: dict[str, list[float]] = {"first": [], "next": [], "next_all": [], "zstd": []}
     for _ in range(repeats):
-        times["first"].append(ingest(False))
+        times["first"].append(ingest(False)[0])
         if prev is not None:
-            times["next"].append(ingest(True))
+            a, b = ingest(True)
+            times["next"].append(a)
+            times["next_all"].append(b)
         if zstd:
             times["zstd"].append(zc())
     out.unlink(missing_ok=True)
     t_first = min(times["first"])
     t_next = min(times["next"]) if times["next"] else None
+    t_next_all = min(times["next_all"]) if times["next_all"] else None
     t_zstd = min(times["zstd"]) if times["zstd"] else None
     zstd_speed = mb / t_zstd if t_zstd else None
     tp.rows.append({"op": "zstd -3 -T2 (CLI, file -> file)", "file": label, "seconds": t_zstd,
                     "mbps": zstd_speed, "vs": None})
-    for name, t in (("coralfs add+commit, first version (no base)", t_first),
-                    ("coralfs add+commit, next version (delta vs previous)", t_next)):
+    for key, name, t in (("first", "coralfs add+commit, first version (no base)", t_first),
+                         ("next", "coralfs add+commit, next version (returns; the replaced version is "
+                                  "re-encoded in the background)", t_next),
+                         ("next_all", "coralfs add+commit, next version, until that re-encoding is done",
+                          t_next_all)):
         if t is None:
             continue
         speed = mb / t
-        key = "first" if "first" in name else "next"
         ratio = speed / zstd_speed if zstd_speed else None
         if ratio is not None:
             tp.ingest_ratio[key] = ratio
@@ -672,8 +682,11 @@ def targets(results: list[SeriesResult], tp: Throughput | None) -> str:
         rows.append([f"ingest >= {TARGET_SPEED}x zstd -3 -T2 speed", "not run", pf(None)])
     else:
         worst = min(tp.ingest_ratio.values())
-        detail = ", ".join(f"{k} version {v:.2f}x" for k, v in tp.ingest_ratio.items())
-        rows.append([f"ingest >= {TARGET_SPEED}x zstd -3 -T2 speed (both first and next version)", detail,
+        names = {"first": "first version", "next": "next version (commit returns)",
+                 "next_all": "next version incl. its background re-encoding"}
+        detail = ", ".join(f"{names.get(k, k)} {v:.2f}x" for k, v in tp.ingest_ratio.items())
+        rows.append([f"ingest >= {TARGET_SPEED}x zstd -3 -T2 speed (first and next version, the latter also "
+                     "counting the repack it causes)", detail,
                      pf(worst >= TARGET_SPEED)])
     if tp is None or tp.read_ratio is None:
         rows.append([f"newest-version read >= {TARGET_SPEED}x zstd -d speed", "not run", pf(None)])

@@ -140,7 +140,7 @@ class Ingestor:
             return None
         return cid, False
 
-    def _tensor_job(self, raw: memoryview, width: int,
+    def _tensor_job(self, raw: memoryview, width: int, cid: bytes,
                     base: tuple[bytes, bool] | None) -> tuple[bytes, bytes | None]:
         """A new tensor piece's record, and the previous version to demote against it, if any:
         the previous version of the file's piece when it is a keyframe. (When it is already a
@@ -152,7 +152,13 @@ class Ingestor:
         if not is_prev:
             return self._encode_forward(raw, width, base_cid), None
         h = self.ostore.chunk_header(base_cid)
-        return records.encode_tensor(raw, width, gen=h.gen + 1), (None if h.bases else base_cid)
+        rec = records.encode_tensor(raw, width, gen=h.gen + 1)
+        if h.bases:
+            return rec, None
+        # the repacker encodes the previous version against this one soon: keep this one's
+        # bytes in the decoded-chunk cache (their id is their hash) so it need not decode them
+        self.ostore.chunk_cache.put(cid, bytes(raw))
+        return rec, base_cid
 
     def _encode_forward(self, raw: memoryview, width: int, base_cid: bytes) -> bytes:
         """Encode a tensor piece of a file with no history of its own, forward against a
@@ -261,7 +267,7 @@ class Ingestor:
                             base = self._base_for(t, r, i, prev_tensors) if r.kind == "tensor" else None
                         stats.new_chunks += 1
                         if r.kind == "tensor":
-                            fut = pool.submit(self._tensor_job, raw, r.width, base)
+                            fut = pool.submit(self._tensor_job, raw, r.width, cid, base)
                         else:
                             fut = pool.submit(lambda raw=raw: (records.encode_bytes(raw), None))
                         pending.append((cid, fut))

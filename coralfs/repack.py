@@ -174,7 +174,7 @@ def repack(ostore: ObjectStore, lock: Callable[[], AbstractContextManager[object
     between a check and a write)."""
     t0 = time.monotonic()
     stats = RepackStats()
-    vstore = ObjectStore(ostore.store, cache_bytes=64 << 20)  # a private cache: reads keep theirs
+    vstore = ostore  # its cache holds what ingest just stored (and a reader may soon want)
     hold = lock or contextlib.nullcontext
     with ThreadPoolExecutor(threads, thread_name_prefix="coralfs-repack") as pool:
         while stop is None or not stop.is_set():

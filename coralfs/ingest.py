@@ -146,19 +146,15 @@ class Ingestor:
         the previous version of the file's piece when it is a keyframe. (When it is already a
         delta, from an older forward chain or because another branch's new version demoted it,
         nothing is queued.) A file with no history deltas forward against the index's piece."""
-        if base is None:
-            return records.encode_tensor(raw, width), None
-        base_cid, is_prev = base
-        if not is_prev:
-            return self._encode_forward(raw, width, base_cid), None
-        h = self.ostore.chunk_header(base_cid)
-        rec = records.encode_tensor(raw, width, gen=h.gen + 1)
-        if h.bases:
-            return rec, None
-        # the repacker encodes the previous version against this one soon: keep this one's
-        # bytes in the decoded-chunk cache (their id is their hash) so it need not decode them
+        if base is not None and not base[1]:
+            return self._encode_forward(raw, width, base[0]), None
+        h = self.ostore.chunk_header(base[0]) if base is not None else None
+        rec = records.encode_tensor(raw, width, gen=h.gen + 1 if h is not None else 0)
+        # a new keyframe: the repacker will encode the version it replaces against it, and
+        # this one against the next; keep its bytes in the decoded-chunk cache (their id is
+        # their hash) so that, in this process, neither needs to decode it
         self.ostore.chunk_cache.put(cid, bytes(raw))
-        return rec, base_cid
+        return rec, (base[0] if base is not None and h is not None and not h.bases else None)
 
     def _encode_forward(self, raw: memoryview, width: int, base_cid: bytes) -> bytes:
         """Encode a tensor piece of a file with no history of its own, forward against a

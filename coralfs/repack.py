@@ -6,9 +6,12 @@ Repacking re-encodes P as a delta against N, in place (a chunk id is the hash of
 decoded bytes, so nothing that points at P changes), or keeps P whole as an *anchor*
 that bounds the chains hanging below it. P stays whole when
 
+* what the delta saves (P's record minus the delta) is less than ``READ_COST`` times what
+  it adds to reads: the delta's bytes, once for P and once for every version whose chain
+  runs through P. Chains of fine-tune deltas (a third of a keyframe or less) grow long,
+  chains of training-from-scratch deltas (~90% of a keyframe) stay ~3 deep;
 * the chain below it would pass ``REVERSE_MAX_BELOW`` deltas, or its deltas would hold
-  more than ``LOAD_BUDGET`` times the piece's bytes (reading the oldest version below it
-  would cost too much);
+  more than ``LOAD_BUDGET`` times the piece's bytes (hard bounds on any read);
 * the delta is not smaller than ``KEEP_RATIO`` of P's record (not worth a slower read);
 * P is the first version of its lineage and the delta is not smaller than
   ``ROOT_KEEP_RATIO`` of it: both ends of a history stay one record per piece where that
@@ -46,7 +49,8 @@ from coralfs.objectstore import ObjectStore
 from coralfs.store import Txn
 
 REVERSE_MAX_BELOW = 15  # at most this many deltas on a chain above a keyframe
-LOAD_BUDGET = 4.0  # ... holding at most this many times the piece's bytes
+LOAD_BUDGET = 8.0  # ... holding at most this many times the piece's bytes
+READ_COST = 0.05  # a byte a delta saves must be worth 20 bytes it adds to reads below it
 KEEP_RATIO = 0.9  # a delta must be smaller than this fraction of the record it replaces
 ROOT_KEEP_RATIO = 0.75  # ... and than this one for the first version of a lineage
 LOAD_UNIT = 256
@@ -136,10 +140,11 @@ def _decide(job: _Job, below: tuple[int, int]) -> tuple[int, int] | None:
     if job.record is None:
         return None
     n, load = below
-    new_load = load + -(-len(job.record) * LOAD_UNIT // max(1, job.raw_len))
+    d = len(job.record)
+    new_load = load + -(-d * LOAD_UNIT // max(1, job.raw_len))
     ratio = KEEP_RATIO if job.gen else ROOT_KEEP_RATIO
-    if (n + 1 > REVERSE_MAX_BELOW or new_load > LOAD_BUDGET * LOAD_UNIT or len(job.record) >= ratio * job.prev_len
-            or not records.parse_header(job.record).bases):
+    if (n + 1 > REVERSE_MAX_BELOW or new_load > LOAD_BUDGET * LOAD_UNIT or d >= ratio * job.prev_len
+            or job.prev_len - d < READ_COST * d * (n + 1) or not records.parse_header(job.record).bases):
         return None
     return n + 1, new_load
 

@@ -149,3 +149,22 @@ def test_cli_repack_and_auto_repack_off(tmp_path: Path, capsys, monkeypatch) -> 
     with Repository(tmp_path / "r") as repo:
         assert repo.pending_demotions() == 0
         _check(repo, ids, datas)
+
+
+def test_read_cost_decides_how_long_chains_grow(tmp_path: Path, monkeypatch) -> None:
+    """A demotion must save more than READ_COST times the bytes it adds to reads (its delta,
+    for itself and every version whose chain runs through it)."""
+    from coralfs import repack
+
+    datas = _versions(4)
+    chains = {}
+    for cost in (0.0, 1e6):
+        monkeypatch.setattr(repack, "READ_COST", cost)
+        with Repository.init(tmp_path / f"r{cost}", auto_repack=False) as repo:
+            ids = _commit_all(repo, datas)
+            s = repo.repack()
+            chains[cost] = [_delta_pieces(repo, c) for c in ids]
+            _check(repo, ids, datas)
+            assert s.examined == s.demoted + s.kept + s.dropped
+    assert chains[1e6] == [0, 0, 0, 0]  # nothing is worth a slower read
+    assert all(n > 0 for n in chains[0.0][:-1]) and chains[0.0][-1] == 0

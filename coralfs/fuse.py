@@ -219,6 +219,13 @@ def fuse_class(mfusepy: Any) -> Any:
             return self.operations.write_buf(None if path is None else path.decode(self.encoding, self.errors),
                                              data, offset, fip.contents.fh)
 
+        def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
+            """Decoded bytes go from the chunk cache straight into libfuse's reply buffer (mfusepy
+            builds a ``bytes`` per request and copies it again)."""
+            dst = memoryview((ctypes.c_char * size).from_address(ctypes.cast(buf, ctypes.c_void_p).value)).cast("B")
+            return self.operations.read_into(None if path is None else path.decode(self.encoding, self.errors),
+                                             dst, offset, fip.contents)
+
         def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
             return self.operations.rename(old.decode(self.encoding, self.errors),
                                           new.decode(self.encoding, self.errors), flags)
@@ -367,6 +374,10 @@ class CoralOperations:
     @_fuse_op
     def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes:
         return self.view.read(fi.fh, offset, size)
+
+    @_fuse_op
+    def read_into(self, path: str | None, dst: memoryview, offset: int, fi: Any) -> int:
+        return self.view.read_into(fi.fh, offset, dst)
 
     @_fuse_op
     def release(self, path: str | None, fi: Any) -> int:

@@ -73,6 +73,7 @@ COMMITS = "@commits"
 TAGS = "@tags"
 DEFAULT_BLKSIZE = 1 << 20  # st_blksize: readers (cat, cp, Python) then issue large reads
 PREFETCH_BYTES = 8 << 20  # sequential readers: decode this far ahead (eight 1 MiB pieces)
+ADVISE_BYTES = 64 << 20  # ... and have the disk read this far ahead
 _HEX_NAME = re.compile(r"^[0-9a-f]{4,64}$")
 _COMMIT_INDEX = b"c\x00"  # index db: b"c\0" + commit id -> b"" (see Repository.commits)
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
@@ -487,6 +488,22 @@ class MountView:
             assert self.writer is not None
             return self.writer.read(f.staged, offset, size)
         assert f.view is not None
+        self._read_ahead(f, offset, size)
+        return f.view.pread(offset, size)
+
+    def read_into(self, fh: int, offset: int, dst: memoryview) -> int:
+        """``read`` into a caller's buffer (the FUSE reply): no ``bytes`` per request."""
+        f = self.opened(fh)
+        if f.staged is not None:
+            assert self.writer is not None
+            data = self.writer.read(f.staged, offset, len(dst))
+            dst[: len(data)] = data
+            return len(data)
+        assert f.view is not None
+        self._read_ahead(f, offset, len(dst))
+        return f.view.pread_into(offset, dst)
+
+    def _read_ahead(self, f: OpenFile, offset: int, size: int) -> None:
         if self._prefetcher is not None:
             # a sequential reader (cat, cp, torch.load): decode the next chunks while this
             # one is being copied out and the reader works on it
@@ -494,7 +511,7 @@ class MountView:
             f.next_offset = offset + size
             if f.sequential >= 2:
                 self.repo.objects.prefetch(self._prefetcher, f.view.chunks_in(offset + size, self.prefetch_bytes))
-        return f.view.pread(offset, size)
+                self.repo.objects.advise(f.view.chunks_in(offset + size, ADVISE_BYTES))
 
     def release(self, fh: int) -> None:
         with self._lock:

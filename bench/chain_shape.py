@@ -1,26 +1,25 @@
-"""What reverse deltas would cost: the shipped forward chains vs "the newest version is a keyframe".
+"""Delta chain shapes on real series: forward chains (shipped before the third session), the
+shipped reverse chains (newest version whole, older versions demoted by the repacker), and
+simple reverse-chain models.
 
 The mount's read targets (issue 4) want the newest version of a series to read about as
-fast as the oldest. With forward deltas (shipped: each version a delta against the one
-before, two-level chains of depth <= 4, keyframe every 16) the newest is the most
-expensive version to read. The alternative is reverse deltas: the newest version is a
-keyframe, each older version a delta against the version after it (re-encoded when a
-newer version arrives), with a keyframe every ``K`` versions counted back from the head
-to bound the depth of old versions.
+fast as the oldest. With forward deltas (each version a delta against the one before,
+two-level chains of depth <= 4, keyframe every 16) the newest is the most expensive
+version to read. With reverse deltas the newest version is a keyframe and each older
+version a delta against the version after it.
 
 This script measures, on real series from ``bench/corpus.py``, for the tensor pieces
-(1 MiB, as ingest cuts them):
+(1 MiB, as ingest cuts them): stored bytes, and the records (and their bytes) a read of
+the newest, the oldest and the costliest version must decode, for
 
-* forward, shipped: stored bytes from a real ingest, and the records (and their bytes) a
-  read of the newest and of the oldest version must decode;
-* reverse, K in ``--keyframes`` (and the largest K with the first version kept a
-  keyframe too, so both ends are shallow): stored bytes when each older piece is encoded with the
-  shipped codec choice against the next version (and, for the two-base predictor, the one
-  after it), and the records a read of the newest/oldest needs; plus the encodes per piece
-  a commit would need (a keyframe for the new head, the previous head re-encoded as a
-  delta, the one before re-encoded with the two-base predictor).
-
-Nothing here changes the repository format; it is the evidence for (or against) doing so.
+* forward, two-level: a real ingest of each version as a file with no history of its own
+  (that path still chains forward against the same-named piece);
+* reverse, repacker: a real ingest of each version over the previous one, repacked (what
+  ``coralfs add``/``commit`` store now);
+* reverse models, a keyframe every K in ``--keyframes`` versions back from the head (and
+  the largest K with the first version kept too): each older piece encoded with the
+  shipped codec choice against the next version (and, for the two-base predictor, the
+  one after it).
 
 Usage::
 
@@ -58,17 +57,22 @@ def tensor_pieces(view: memoryview, name: str) -> list[tuple[str, int, int, int]
     return out
 
 
-def forward(files: list[Path]) -> dict[str, float]:
-    """Ingest the series for real (shipped policy); stored tensor bytes and read costs."""
+def ingested(files: list[Path], history: bool) -> dict[str, float]:
+    """Ingest the series for real; stored tensor bytes and read costs. ``history``: each
+    version over the previous one, as ``coralfs add`` does (shipped: reverse chains, after
+    the repack); without, each version is a file with no history of its own, whose pieces
+    delta forward against the same-named piece (the two-level forward policy, shipped for
+    every file before the third session)."""
     with tempfile.TemporaryDirectory() as d:
-        repo = Repository.init(d)
+        repo = Repository.init(d, auto_repack=False)
         try:
             prev = None
             entries = []
             t = time.perf_counter()
             for f in files:
-                prev, _ = repo.ingest_file(f, "m", prev)
+                prev, _ = repo.ingest_file(f, "m", prev if history else None)
                 entries.append(prev)
+                repo.repack()
             secs = time.perf_counter() - t
             stored, seen = 0, set()
             for e in entries:
@@ -85,11 +89,13 @@ def forward(files: list[Path]) -> dict[str, float]:
                                                   if seg.kind == "tensor" for p in seg.pieces if p.chunk is not None)
                 return len(need), sum(need.values())
 
-            newest, oldest = read_cost(entries[-1]), read_cost(entries[0])
+            costs = [read_cost(e) for e in entries]
         finally:
             repo.close()
-    return {"stored": stored, "newest_records": newest[0], "newest_bytes": newest[1],
-            "oldest_records": oldest[0], "oldest_bytes": oldest[1], "encodes_per_commit": 1.0, "ingest_s": secs}
+    deepest = max(costs, key=lambda c: c[1])
+    return {"stored": stored, "newest_records": costs[-1][0], "newest_bytes": costs[-1][1],
+            "oldest_records": costs[0][0], "oldest_bytes": costs[0][1], "deepest_records": deepest[0],
+            "deepest_bytes": deepest[1], "encodes_per_commit": 2.0 if history else 1.0, "ingest_s": secs}
 
 
 def reverse(files: list[Path], keyframe_every: int, keep_first: bool = False) -> dict[str, float]:
@@ -144,12 +150,14 @@ def reverse(files: list[Path], keyframe_every: int, keep_first: bool = False) ->
                     todo.extend(base_of[(key, v)])
             return n, b
 
-        newest, oldest = read_cost(head), read_cost(0)
+        costs = [read_cost(v) for v in range(len(files))]
     finally:
         for m in maps:
             m.close()
-    return {"stored": stored, "newest_records": newest[0], "newest_bytes": newest[1],
-            "oldest_records": oldest[0], "oldest_bytes": oldest[1], "encodes_per_commit": 3.0}
+    deepest = max(costs, key=lambda c: c[1])
+    return {"stored": stored, "newest_records": costs[-1][0], "newest_bytes": costs[-1][1],
+            "oldest_records": costs[0][0], "oldest_bytes": costs[0][1], "deepest_records": deepest[0],
+            "deepest_bytes": deepest[1], "encodes_per_commit": 3.0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in names:
         files = list(corpus[name])
-        results = [("forward (shipped)", forward(files))]
+        results = [("forward, two-level (shipped before)", ingested(files, False)),
+                   ("reverse, repacker (shipped)", ingested(files, True))]
         for k in (int(x) for x in args.keyframes.split(",")):
             results.append((f"reverse, keyframe every {k}", reverse(files, k)))
         k = max(int(x) for x in args.keyframes.split(","))
@@ -173,10 +182,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((name, policy, f"{r['stored'] / 1e6:.1f} MB",
                          f"{r['newest_records']} ({r['newest_bytes'] / 1e6:.0f} MB)",
                          f"{r['oldest_records']} ({r['oldest_bytes'] / 1e6:.0f} MB)",
+                         f"{r['deepest_records']} ({r['deepest_bytes'] / 1e6:.0f} MB)",
                          f"{r['newest_bytes'] / max(1, r['oldest_bytes']):.2f}x",
                          f"{r['encodes_per_commit']:.0f}"))
     head = ("series", "chains", "tensor records stored", "newest: records (bytes)", "oldest: records (bytes)",
-            "newest/oldest bytes", "encodes per piece per commit")
+            "costliest version", "newest/oldest bytes", "encodes per piece per commit")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [head, *rows]]
     lines.insert(1, "-+-".join("-" * w for w in widths))

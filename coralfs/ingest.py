@@ -150,11 +150,15 @@ class Ingestor:
             return self._encode_forward(raw, width, base[0]), None
         h = self.ostore.chunk_header(base[0]) if base is not None else None
         rec = records.encode_tensor(raw, width, gen=h.gen + 1 if h is not None else 0)
-        # a new keyframe: the repacker will encode the version it replaces against it, and
-        # this one against the next; keep its bytes in the decoded-chunk cache (their id is
-        # their hash) so that, in this process, neither needs to decode it
+        if h is None or h.bases:
+            return rec, None
+        # the repacker encodes the previous version against this one soon (and, in a series
+        # committed by one process, this one against the next): keep its bytes in the
+        # decoded-chunk cache (their id is their hash) so it need not decode them. Not for a
+        # file's first version: copying a 155 MB file into the cache cost 0-280 ms of
+        # page faults in a short-lived CLI process.
         self.ostore.chunk_cache.put(cid, bytes(raw))
-        return rec, (base[0] if base is not None and h is not None and not h.bases else None)
+        return rec, base[0]
 
     def _encode_forward(self, raw: memoryview, width: int, base_cid: bytes) -> bytes:
         """Encode a tensor piece of a file with no history of its own, forward against a

@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     series, ft = corpus_files()
     repo, meta = build_repo(series, ft, make_big_checkpoint(CACHE / "big_train.pt"))
     cases = [
-        ("scratch_pt newest (v12, <= 5 records/piece)", "main", "scratch/ckpt.pt"),
-        ("scratch_pt oldest (v1, keyframes)", meta["series_commits"][0], "scratch/ckpt.pt"),
+        ("scratch_pt newest (v12)", "main", "scratch/ckpt.pt"),
+        ("scratch_pt oldest (v1)", meta["series_commits"][0], "scratch/ckpt.pt"),
         ("finetune_fp32 model.safetensors", "main", "ft/model.safetensors"),
         ("155 MB checkpoint + AdamW (keyframes)", "main", "big/train.pt"),
     ]

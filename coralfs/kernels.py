@@ -54,6 +54,26 @@ def _build() -> Any:
             out[i] = U(p0[i]) | (U(p1[i]) << U(8)) | (U(p2[i]) << U(16)) | (U(p3[i]) << U(24))
 
     @njit(**opts)
+    def unshuffle2r(p0, p1, out):  # unshuffle2, then rotate each element right by one bit
+        for i in range(out.shape[0]):
+            v = U(p0[i]) | (U(p1[i]) << U(8))
+            out[i] = (v >> U(1)) | ((v & U(1)) << U(15))
+
+    @njit(**opts)
+    def unshuffle4r(p0, p1, p2, p3, out):
+        for i in range(out.shape[0]):
+            v = U(p0[i]) | (U(p1[i]) << U(8)) | (U(p2[i]) << U(16)) | (U(p3[i]) << U(24))
+            out[i] = (v >> U(1)) | ((v & U(1)) << U(31))
+
+    @njit(**opts)
+    def unshuffle8r(p0, p1, p2, p3, p4, p5, p6, p7, out):
+        for i in range(out.shape[0]):
+            lo = U(p0[i]) | (U(p1[i]) << U(8)) | (U(p2[i]) << U(16)) | (U(p3[i]) << U(24))
+            hi = U(p4[i]) | (U(p5[i]) << U(8)) | (U(p6[i]) << U(16)) | (U(p7[i]) << U(24))
+            v = lo | (hi << U(32))
+            out[i] = (v >> U(1)) | (v << U(63))
+
+    @njit(**opts)
     def unshuffle8(p0, p1, p2, p3, p4, p5, p6, p7, out):  # out: uint64 elements
         for i in range(out.shape[0]):
             lo = U(p0[i]) | (U(p1[i]) << U(8)) | (U(p2[i]) << U(16)) | (U(p3[i]) << U(24))
@@ -117,6 +137,7 @@ def _build() -> Any:
 
     k = K()
     k.unshuffle = {2: unshuffle2, 4: unshuffle4, 8: unshuffle8}
+    k.unshuffle_rot = {2: unshuffle2r, 4: unshuffle4r, 8: unshuffle8r}  # a keyframe's whole inverse
     k.split = {2: split2, 4: split4, 8: split8}
     k.inverse = inverse
     return k
@@ -129,6 +150,7 @@ def _warm(k: Any) -> None:
         p.flags.writeable = False
         x = np.zeros(2, dtype=f"<u{w}")
         k.unshuffle[w](*([p] * w), x)
+        k.unshuffle_rot[w](*([p] * w), x)
         e = empty(w)
         k.inverse(x, OP_NONE, True, e, e)
         planes = np.zeros((w, 2), dtype=np.uint8)

@@ -548,7 +548,9 @@ def decode(
         out[n * w :] = np.frombuffer(buf[pos:], dtype=np.uint8)
     x = out[: n * w].view(dt)
     k = kernels.get()
-    if k is not None and w > 1 and n:
+    if k is not None and w > 1 and n and codec_id == PLANES:  # a keyframe: one pass
+        (k.unshuffle_rot if flags & ROT else k.unshuffle)[w](*planes, x)
+    elif k is not None and w > 1 and n:
         k.unshuffle[w](*planes, x)
         k.inverse(x, _KERNEL_OP[codec_id], bool(flags & ROT), kernels.base(b1, w), kernels.base(b2, w))
     else:

@@ -44,8 +44,12 @@ def _count_preads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def test_reads_match_the_map_for_every_size(st: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("resident", [False, True])
+def test_reads_match_the_map_for_every_size(st: Store, monkeypatch: pytest.MonkeyPatch, resident: bool) -> None:
+    """Large values come from one exact pread, or, when their pages are all in the page
+    cache (mincore), as a view of the map; either way the same bytes as LMDB's own get."""
     values = _fill(st)
+    monkeypatch.setattr(store_mod.Txn, "_resident", lambda self, off, n: resident)
     calls = _count_preads(monkeypatch)
     with st.read() as t:
         for k, v in values.items():
@@ -55,14 +59,28 @@ def test_reads_match_the_map_for_every_size(st: Store, monkeypatch: pytest.Monke
         assert t.get("chunks", b"missing") is None and t.peek("chunks", b"missing", 4) is None
         assert dict(t.items("chunks")) == values
         assert [(k, n, h) for k, n, h in t.scan("chunks", 3)] == [(k, len(v), v[:3]) for k, v in sorted(values.items())]
-    with st.read(buffers=True) as t:
-        for k, v in values.items():
-            assert bytes(t.get("chunks", k)) == v
     # the large values (LMDB overflow pages) came from pread, exactly their own bytes
     big = [len(v) for v in values.values() if len(v) > 4096]
     assert calls and max(calls) >= max(big) and max(calls) <= max(big) + 16
+    calls.clear()
+    with st.read(buffers=True) as t:  # zero-copy reads: from the map when resident
+        for k, v in values.items():
+            assert bytes(t.get("chunks", k)) == v
+    assert (calls == []) if resident else (max(calls) >= max(big) and max(calls) <= max(big) + 16)
     # the same through a write transaction (always the map)
     assert st.write(lambda t: {k: t.get("chunks", k) for k in values}) == values
+
+
+def test_residency_is_read_from_the_kernel(st: Store) -> None:
+    """Values just written are in the page cache: mincore says so for their map pages."""
+    values = _fill(st)
+    k = max(values, key=lambda k: len(values[k]))
+    with st.read(buffers=True) as t, t.txn.cursor(db=t.dbs["chunks"]) as cur:
+        assert cur.set_key(k)
+        off, n = t._locate(cur)
+        assert n == len(values[k]) and t._map_addr
+        assert t._resident(off, n)
+        assert bytes(t.get("chunks", k)) == values[k]
 
 
 def test_peek_reads_only_the_prefix(st: Store, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,8 +8,13 @@ that bounds the chains hanging below it. P stays whole when
 
 * what the delta saves (P's record minus the delta) is less than ``READ_COST`` times what
   it adds to reads: the delta's bytes, once for P and once for every version whose chain
-  runs through P. Chains of fine-tune deltas (a third of a keyframe or less) grow long,
-  chains of training-from-scratch deltas (~90% of a keyframe) stay ~3 deep;
+  runs through P, the first version of the lineage counting ``ROOT_WEIGHT`` times (the
+  oldest version is, with the newest, the one people go back to). Chains of fine-tune
+  deltas (a third of a keyframe or less) grow long; chains of deltas that save less stay
+  short. Measured on the 12-version series (bench/RESULTS.md, third session): with the
+  first version weighted 5x, the oldest scratch_pt version decodes 88 MB of records
+  instead of 98 (the newest: 69), fp32 fine-tune storage unchanged (350.0 MB); 7x: 81 MB
+  but fp32 354.5 MB; 10x: 70 MB but 362.1 MB (issue 3's fp32 target lost);
 * the chain below it would pass ``REVERSE_MAX_BELOW`` deltas, or its deltas would hold
   more than ``LOAD_BUDGET`` times the piece's bytes (hard bounds on any read);
 * the delta is not smaller than ``KEEP_RATIO`` of P's record (not worth a slower read);
@@ -51,11 +56,12 @@ from coralfs.store import Txn
 REVERSE_MAX_BELOW = 15  # at most this many deltas on a chain above a keyframe
 LOAD_BUDGET = 8.0  # ... holding at most this many times the piece's bytes
 READ_COST = 0.05  # a byte a delta saves must be worth 20 bytes it adds to reads below it
+ROOT_WEIGHT = 5  # ... where a lineage's first version counts as five readers
 KEEP_RATIO = 0.9  # a delta must be smaller than this fraction of the record it replaces
 ROOT_KEEP_RATIO = 0.75  # ... and than this one for the first version of a lineage
 LOAD_UNIT = 256
 BELOW_PREFIX = b"rv\x00"
-_BELOW = struct.Struct("<HI")
+_BELOW = struct.Struct("<HIB")  # deltas on the longest chain, their bytes, whether a lineage's first version is among them
 WINDOW = 16  # pending demotions encoded at once
 BATCH_BYTES = 32 << 20  # records written per transaction
 
@@ -91,9 +97,9 @@ def below_key(cid: bytes) -> bytes:
     return BELOW_PREFIX + cid
 
 
-def read_below(t: Txn, cid: bytes) -> tuple[int, int]:
+def read_below(t: Txn, cid: bytes) -> tuple[int, int, int]:
     v = t.get("index", below_key(cid))
-    return _BELOW.unpack(v) if v is not None and len(v) == _BELOW.size else (0, 0)
+    return _BELOW.unpack(v) if v is not None and len(v) == _BELOW.size else (0, 0, 0)
 
 
 def pending_count(ostore: ObjectStore) -> int:
@@ -127,7 +133,7 @@ def _encode(ostore: ObjectStore, job: _Job) -> _Job:
         return job
     job.raw_len, job.gen = hp.raw_len, hp.gen
     with ostore.store.read() as t:
-        n, load = read_below(t, job.prev)
+        n, load, _ = read_below(t, job.prev)
     if n + 1 > REVERSE_MAX_BELOW or load >= LOAD_BUDGET * LOAD_UNIT:
         return job  # an anchor: no need to encode
     new = ostore.get_chunk(job.new)
@@ -135,18 +141,20 @@ def _encode(ostore: ObjectStore, job: _Job) -> _Job:
     return job
 
 
-def _decide(job: _Job, below: tuple[int, int]) -> tuple[int, int] | None:
+def _decide(job: _Job, below: tuple[int, int, int]) -> tuple[int, int, int] | None:
     """The new keyframe's below counters if ``job`` demotes, else None (keep prev whole)."""
     if job.record is None:
         return None
-    n, load = below
+    n, load, root = below
+    root = int(root or job.gen == 0)
     d = len(job.record)
     new_load = load + -(-d * LOAD_UNIT // max(1, job.raw_len))
     ratio = KEEP_RATIO if job.gen else ROOT_KEEP_RATIO
+    readers = n + 1 + (ROOT_WEIGHT - 1) * root
     if (n + 1 > REVERSE_MAX_BELOW or new_load > LOAD_BUDGET * LOAD_UNIT or d >= ratio * job.prev_len
-            or job.prev_len - d < READ_COST * d * (n + 1) or not records.parse_header(job.record).bases):
+            or job.prev_len - d < READ_COST * d * readers or not records.parse_header(job.record).bases):
         return None
-    return n + 1, new_load
+    return n + 1, new_load, root
 
 
 def _apply(t: Txn, jobs: list[_Job], stats: RepackStats) -> None:

@@ -195,9 +195,9 @@ def test_previous_version_is_demoted_against_the_new_head(repo):
     h0, h1, h2 = (repo.objects.chunk_header(c) for c in (v0, v1, v2))
     assert not h2.bases and h1.bases == (v2,) and h0.bases == (v1,)
     with repo.store.read() as t:
-        n, load = read_below(t, v2)  # the chain hanging below the head
-        assert read_below(t, v1) == (0, 0) and read_below(t, v0) == (0, 0)
-    assert n == 2 and 0 < load < 2 * repack.LOAD_UNIT
+        n, load, root = read_below(t, v2)  # the chain hanging below the head
+        assert read_below(t, v1) == (0, 0, 0) and read_below(t, v0) == (0, 0, 0)
+    assert n == 2 and 0 < load < 2 * repack.LOAD_UNIT and root == 1  # the first version is on it
     assert len(repo.objects.chunk_record(v1)) < repack.KEEP_RATIO * len(repo.objects.chunk_record(v2))
     repo.objects.chunk_cache.clear()
     for rev, data in zip(("HEAD~2", "HEAD~1", "HEAD"), datas, strict=True):

@@ -168,3 +168,20 @@ def test_read_cost_decides_how_long_chains_grow(tmp_path: Path, monkeypatch) -> 
             assert s.examined == s.demoted + s.kept + s.dropped
     assert chains[1e6] == [0, 0, 0, 0]  # nothing is worth a slower read
     assert all(n > 0 for n in chains[0.0][:-1]) and chains[0.0][-1] == 0
+
+
+def test_the_first_version_weighs_more(tmp_path: Path, monkeypatch) -> None:
+    """ROOT_WEIGHT: a chain that the lineage's first version reads through is costlier."""
+    from coralfs import repack
+
+    datas = _versions(3)
+    first = {}
+    for weight in (1, 1e6):
+        monkeypatch.setattr(repack, "ROOT_WEIGHT", weight)
+        with Repository.init(tmp_path / f"w{weight}", auto_repack=False) as repo:
+            ids = _commit_all(repo, datas)
+            repo.repack()
+            first[weight] = [_delta_pieces(repo, c) for c in ids]
+            _check(repo, ids, datas)
+    assert first[1][0] > 0  # weighted like any version, the first one is demoted
+    assert first[1e6][0] == 0 and first[1e6][1] > 0  # weighted heavily it stays whole; the next is not

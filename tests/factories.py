@@ -87,3 +87,36 @@ def varied_state_dict() -> dict:
         "complex": torch.randn(3, dtype=torch.complex64),
         "nested": {"list": [torch.ones(2), {"deep": torch.zeros(3, dtype=torch.int16)}], "n": 5, "s": "text"},
     }
+
+
+class ReadersRunning:
+    """``with ReadersRunning(checks) as r:`` runs every check (a callable that raises on a
+    wrong read) in a loop on a thread until the block ends; then ``r.errors`` holds what
+    failed (the thread stops at the first failure) and ``r.reads`` how many passed."""
+
+    def __init__(self, checks: list) -> None:
+        import threading
+
+        self.checks = checks
+        self.errors: list[BaseException] = []
+        self.reads = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            for check in self.checks:
+                try:
+                    check()
+                    self.reads += 1
+                except BaseException as e:  # noqa: BLE001 - reported by the test
+                    self.errors.append(e)
+                    return
+
+    def __enter__(self) -> ReadersRunning:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import pytest
@@ -24,6 +23,7 @@ from coralfs.fsck import fsck
 from coralfs.gc import GcAborted, Marker, gc, lmdb_info
 from coralfs.prune import plan_prune, prune_branch
 from coralfs.repository import Repository
+from tests.factories import ReadersRunning
 
 N_TENSOR = 48 * 1024  # float32 elements per tensor
 
@@ -213,32 +213,16 @@ def test_gc_concurrent_with_reads(pruned):
     reader = Repository(pruned.root, cache_bytes=0)  # every read goes to LMDB
     expect = {k[1] + "@" + k[0].hex(): v for k, v in _all_files(pruned).items()}
     heads = list(pruned.reachable_commits())
-    errors: list[BaseException] = []
-    reads = 0
-    stop = threading.Event()
 
-    def loop() -> None:
-        nonlocal reads
-        while not stop.is_set():
-            for c in heads:
-                try:
-                    assert _sha(reader, c) == expect["model.pt@" + c.hex()]
-                    reads += 1
-                except BaseException as e:  # noqa: BLE001
-                    errors.append(e)
-                    return
+    def check(c: bytes) -> None:
+        assert _sha(reader, c) == expect["model.pt@" + c.hex()]
 
-    th = threading.Thread(target=loop)
-    th.start()
-    try:
+    with ReadersRunning([functools.partial(check, c) for c in heads]) as r:
         time.sleep(0.05)
         s = gc(pruned, grace=0.2, batch_keys=4)  # many small transactions
-    finally:
-        stop.set()
-        th.join()
     reader.close()
-    assert not errors, errors[0]
-    assert s.chunks_swept > 0 and reads > 0
+    assert not r.errors, r.errors[0]
+    assert s.chunks_swept > 0 and r.reads > 0
 
 
 PHASES = ["mark", "sweep-index", "sweep-objects", "sweep-chunks:2", "reencode", "grace", "sweep-bases",

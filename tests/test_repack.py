@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -9,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from safetensors.torch import save
 from coralfs.cli import main as cli_main
 from coralfs.fsck import fsck
 from coralfs.repository import Repository
+from tests.factories import ReadersRunning
 
 
 def _versions(n: int) -> list[bytes]:
@@ -109,29 +110,15 @@ def test_readers_during_repack_always_get_exact_bytes(tmp_path: Path) -> None:
     with Repository.init(tmp_path / "r", auto_repack=False) as repo:
         ids = _commit_all(repo, datas)
         reader = Repository(repo.root, cache_bytes=0, auto_repack=False)
-        expect = [hashlib.sha256(d).digest() for d in datas]
-        stop, errors, reads = threading.Event(), [], [0]
 
-        def loop() -> None:
-            while not stop.is_set():
-                for c, h in zip(ids, expect, strict=True):
-                    try:
-                        assert hashlib.sha256(reader.open(c.hex(), "m.safetensors").read()).digest() == h
-                        reads[0] += 1
-                    except BaseException as e:  # noqa: BLE001
-                        errors.append(e)
-                        return
+        def check(c: bytes, d: bytes) -> None:
+            assert hashlib.sha256(reader.open(c.hex(), "m.safetensors").read()).digest() == hashlib.sha256(d).digest()
 
-        th = threading.Thread(target=loop)
-        th.start()
-        try:
+        with ReadersRunning([functools.partial(check, c, d) for c, d in zip(ids, datas, strict=True)]) as r:
             s = repo.repack()
-        finally:
-            stop.set()
-            th.join()
         reader.close()
-        assert not errors, errors[0]
-        assert s.demoted > 0 and reads[0] > 0
+        assert not r.errors, r.errors[0]
+        assert s.demoted > 0 and r.reads > 0
 
 
 def test_cli_repack_and_auto_repack_off(tmp_path: Path, capsys, monkeypatch) -> None:
@@ -151,37 +138,33 @@ def test_cli_repack_and_auto_repack_off(tmp_path: Path, capsys, monkeypatch) -> 
         _check(repo, ids, datas)
 
 
+def _chains_under(tmp_path: Path, monkeypatch, constant: str, values: tuple, n: int) -> dict:
+    """Per value of a repack policy constant: delta pieces of each version after a repack."""
+    from coralfs import repack
+
+    datas = _versions(n)
+    out = {}
+    for value in values:
+        monkeypatch.setattr(repack, constant, value)
+        with Repository.init(tmp_path / f"{constant}{value}", auto_repack=False) as repo:
+            ids = _commit_all(repo, datas)
+            s = repo.repack()
+            out[value] = [_delta_pieces(repo, c) for c in ids]
+            _check(repo, ids, datas)
+            assert s.examined == s.demoted + s.kept + s.dropped
+    return out
+
+
 def test_read_cost_decides_how_long_chains_grow(tmp_path: Path, monkeypatch) -> None:
     """A demotion must save more than READ_COST times the bytes it adds to reads (its delta,
     for itself and every version whose chain runs through it)."""
-    from coralfs import repack
-
-    datas = _versions(4)
-    chains = {}
-    for cost in (0.0, 1e6):
-        monkeypatch.setattr(repack, "READ_COST", cost)
-        with Repository.init(tmp_path / f"r{cost}", auto_repack=False) as repo:
-            ids = _commit_all(repo, datas)
-            s = repo.repack()
-            chains[cost] = [_delta_pieces(repo, c) for c in ids]
-            _check(repo, ids, datas)
-            assert s.examined == s.demoted + s.kept + s.dropped
+    chains = _chains_under(tmp_path, monkeypatch, "READ_COST", (0.0, 1e6), 4)
     assert chains[1e6] == [0, 0, 0, 0]  # nothing is worth a slower read
     assert all(n > 0 for n in chains[0.0][:-1]) and chains[0.0][-1] == 0
 
 
 def test_the_first_version_weighs_more(tmp_path: Path, monkeypatch) -> None:
     """ROOT_WEIGHT: a chain that the lineage's first version reads through is costlier."""
-    from coralfs import repack
-
-    datas = _versions(3)
-    first = {}
-    for weight in (1, 1e6):
-        monkeypatch.setattr(repack, "ROOT_WEIGHT", weight)
-        with Repository.init(tmp_path / f"w{weight}", auto_repack=False) as repo:
-            ids = _commit_all(repo, datas)
-            repo.repack()
-            first[weight] = [_delta_pieces(repo, c) for c in ids]
-            _check(repo, ids, datas)
+    first = _chains_under(tmp_path, monkeypatch, "ROOT_WEIGHT", (1, 1e6), 3)
     assert first[1][0] > 0  # weighted like any version, the first one is demoted
     assert first[1e6][0] == 0 and first[1e6][1] > 0  # weighted heavily it stays whole; the next is not

@@ -11,7 +11,8 @@ Checks
     * every remaining chunk in the store (garbage included) decodes and matches its id;
     * the index: ``c\\0`` commit index entries name commits, every reachable commit has one,
       ``tb\\0`` tensor base entries and ``st\\0`` stat cache entries name existing data,
-      ``pend\\0`` pending mount entries name existing manifests.
+      ``pend\\0`` pending mount entries name existing manifests, ``dm\\0`` pending demotions
+      and ``rv\\0`` reverse-chain counters name existing chunks.
 
 ``--repair`` fixes only what can be fixed without losing anything: index entries that
 point at missing data are dropped, missing commit index entries are added, and garbage
@@ -32,9 +33,11 @@ from coralfs import refs
 from coralfs.errors import CoralError, MissingObject
 from coralfs.gc import COMMIT_INDEX, CONFLICT_PREFIX, PEND_PREFIX, STAT_INDEX, TENSOR_INDEX, GcAborted, gc
 from coralfs.hashing import ID_LEN, digest, hasher
+from coralfs.ingest import PENDING_PREFIX as DEMOTION_PREFIX
 from coralfs.objects import Commit, Manifest, Tag, Tree, deserialize
 from coralfs.objectstore import ObjectStore
 from coralfs.reader import FileView
+from coralfs.repack import BELOW_PREFIX
 
 if TYPE_CHECKING:
     from coralfs.repository import Repository
@@ -253,7 +256,7 @@ def fsck(repo: Repository, repair: bool = False, log: Callable[[str], None] | No
     index_drop: list[bytes] = []
     with repo.store.read() as t:
         indexed = {k[len(COMMIT_INDEX):] for k in t.keys("index", COMMIT_INDEX)}
-        for prefix in (COMMIT_INDEX, TENSOR_INDEX, STAT_INDEX, PEND_PREFIX):
+        for prefix in (COMMIT_INDEX, TENSOR_INDEX, STAT_INDEX, PEND_PREFIX, DEMOTION_PREFIX, BELOW_PREFIX):
             for k, v in t.items("index", prefix):
                 msg = _index_problem(t, k, v, prefix)
                 if msg:
@@ -284,6 +287,12 @@ def _index_problem(t: Txn, k: bytes, v: bytes, prefix: bytes) -> str | None:
         return None
     if prefix == TENSOR_INDEX:
         return None if len(v) == ID_LEN and t.has("chunks", v) else "tensor base index names a missing chunk"
+    if prefix == DEMOTION_PREFIX:  # dropping one loses nothing: the older version stays whole
+        body = k[len(prefix) + 8 :]
+        ok = len(body) == 2 * ID_LEN and t.has("chunks", body[:ID_LEN]) and t.has("chunks", body[ID_LEN:])
+        return None if ok else "pending demotion names a missing chunk"
+    if prefix == BELOW_PREFIX:
+        return None if t.has("chunks", k[len(prefix):]) else "reverse-chain counters of a missing chunk"
     try:
         m = bytes.fromhex(json.loads(v)["m"])
     except (ValueError, KeyError, TypeError):

@@ -168,3 +168,24 @@ def test_the_first_version_weighs_more(tmp_path: Path, monkeypatch) -> None:
     first = _chains_under(tmp_path, monkeypatch, "ROOT_WEIGHT", (1, 1e6), 3)
     assert first[1][0] > 0  # weighted like any version, the first one is demoted
     assert first[1e6][0] == 0 and first[1e6][1] > 0  # weighted heavily it stays whole; the next is not
+
+
+def test_fsck_reports_and_repairs_stale_repack_entries(tmp_path: Path) -> None:
+    from coralfs.ingest import pending_key
+    from coralfs.repack import below_key
+
+    datas = _versions(2)
+    with Repository.init(tmp_path / "r", auto_repack=False) as repo:
+        ids = _commit_all(repo, datas)
+        ghost = b"\x01" * 32
+        repo.store.write(lambda t: (t.put("index", pending_key(ghost, ghost), b""),
+                                    t.put("index", below_key(ghost), b"\x00" * 7)))
+        r = fsck(repo)
+        kinds = sorted(p.message for p in r.problems)
+        assert kinds == ["pending demotion names a missing chunk", "reverse-chain counters of a missing chunk"]
+        assert all(p.repairable for p in r.problems)
+        assert fsck(repo, repair=True).repaired and fsck(repo).ok
+        assert repo.pending_demotions() > 0  # the real ones stay queued
+        repo.repack()
+        _check(repo, ids, datas)
+        assert fsck(repo).ok

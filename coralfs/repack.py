@@ -112,32 +112,35 @@ def _entries(ostore: ObjectStore, limit: int) -> list[_Job]:
     with ostore.store.read() as t:
         for k in t.keys("index", PENDING_PREFIX):
             body = k[len(PENDING_PREFIX) + 8 :]
-            if len(body) != 2 * ID_LEN:
-                raise CoralError(f"malformed pending demotion {k.hex()}")
-            out.append(_Job(k, body[:ID_LEN], body[ID_LEN:]))
+            if len(body) != 2 * ID_LEN:  # not ours to understand: dropped
+                out.append(_Job(k, b"", b"", stale=True))
+            else:
+                out.append(_Job(k, body[:ID_LEN], body[ID_LEN:]))
             if len(out) >= limit:
                 break
     return out
 
 
 def _encode(ostore: ObjectStore, job: _Job) -> _Job:
-    """Read both versions (verified) and encode the older against the newer."""
+    """Read both versions (verified) and encode the older against the newer. A version that
+    is gone, no longer a keyframe, or does not decode (fsck reports that) is left alone."""
+    if job.stale:
+        return job
     try:
         hp, job.prev_len = ostore.chunk_info(job.prev)
         hn, _ = ostore.chunk_info(job.new)
+        if hp.bases or hn.bases:
+            job.stale = True
+            return job
+        job.raw_len, job.gen = hp.raw_len, hp.gen
+        with ostore.store.read() as t:
+            n, load, _ = read_below(t, job.prev)
+        if n + 1 > REVERSE_MAX_BELOW or load >= LOAD_BUDGET * LOAD_UNIT:
+            return job  # an anchor: no need to encode
+        new = ostore.get_chunk(job.new)
+        job.record = records.encode_tensor(ostore.get_chunk(job.prev), hp.width, (job.new, new), None, 0, hp.gen)
     except CoralError:
-        job.stale = True
-        return job
-    if hp.bases or hn.bases:
-        job.stale = True
-        return job
-    job.raw_len, job.gen = hp.raw_len, hp.gen
-    with ostore.store.read() as t:
-        n, load, _ = read_below(t, job.prev)
-    if n + 1 > REVERSE_MAX_BELOW or load >= LOAD_BUDGET * LOAD_UNIT:
-        return job  # an anchor: no need to encode
-    new = ostore.get_chunk(job.new)
-    job.record = records.encode_tensor(ostore.get_chunk(job.prev), hp.width, (job.new, new), None, 0, hp.gen)
+        job.stale, job.record = True, None
     return job
 
 
@@ -161,10 +164,12 @@ def _apply(t: Txn, jobs: list[_Job], stats: RepackStats) -> None:
     for job in jobs:
         t.delete("index", job.key)
         stats.examined += 1
+        if job.stale:
+            stats.dropped += 1
+            continue
         old = t.peek("chunks", job.prev, records.PEEK_LEN)
         new = t.peek("chunks", job.new, records.PEEK_LEN)
-        if (job.stale or old is None or new is None or records.parse_header(old[0]).bases
-                or records.parse_header(new[0]).bases):
+        if old is None or new is None or records.parse_header(old[0]).bases or records.parse_header(new[0]).bases:
             stats.dropped += 1
             continue
         below = _decide(job, read_below(t, job.prev))
@@ -187,14 +192,14 @@ def repack(ostore: ObjectStore, lock: Callable[[], AbstractContextManager[object
     between a check and a write)."""
     t0 = time.monotonic()
     stats = RepackStats()
-    vstore = ostore  # its cache holds what ingest just stored (and a reader may soon want)
     hold = lock or contextlib.nullcontext
+    # ``ostore``'s own cache: it holds what ingest just stored (and a reader may soon want)
     with ThreadPoolExecutor(threads, thread_name_prefix="coralfs-repack") as pool:
         while stop is None or not stop.is_set():
-            jobs = _entries(vstore, WINDOW)
+            jobs = _entries(ostore, WINDOW)
             if not jobs:
                 break
-            done = list(pool.map(lambda j: _encode(vstore, j), jobs))
+            done = list(pool.map(lambda j: _encode(ostore, j), jobs))
             for part in _batches(done):
                 with hold():
                     ostore.store.write(lambda t, part=part: _apply(t, part, stats))

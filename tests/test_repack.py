@@ -189,3 +189,25 @@ def test_fsck_reports_and_repairs_stale_repack_entries(tmp_path: Path) -> None:
         repo.repack()
         _check(repo, ids, datas)
         assert fsck(repo).ok
+
+
+def test_a_corrupt_version_or_a_malformed_entry_does_not_stall_the_queue(tmp_path: Path) -> None:
+    from coralfs import records
+    from coralfs.ingest import PENDING_PREFIX
+
+    datas = _versions(3)
+    with Repository.init(tmp_path / "r", auto_repack=False) as repo:
+        ids = _commit_all(repo, datas)
+        m = repo.get_manifest(repo.entry(ids[1].hex(), "m.safetensors").manifest)
+        victim = next(c for c in m.chunk_ids() if len(repo.objects.chunk_record(c)) > 1000)
+        rec = bytearray(repo.objects.chunk_record(victim))
+        h = records.parse_header(bytes(rec))
+        rec[h.payload_offset + (len(rec) - h.payload_offset) // 2] ^= 0x40
+        repo.store.write(lambda t: (t.put("chunks", victim, bytes(rec)),
+                                    t.put("index", PENDING_PREFIX + b"junk", b"")))
+        repo.objects.chunk_cache.clear()
+        s = repo.repack()
+        assert repo.pending_demotions() == 0 and s.dropped >= 2 and s.demoted > 0
+        assert repo.objects.chunk_record(victim) == bytes(rec)  # left as it was, for fsck to report
+        assert not fsck(repo).ok
+        _check(repo, [ids[2]], [datas[2]])  # the newest still reads

@@ -196,6 +196,7 @@ class OpenFile:
     direct_io: bool = False  # bypass the page cache: another version of this path is open and cached
     next_offset: int = 0  # where a sequential reader reads next
     sequential: int = 0  # consecutive sequential reads
+    advised_to: int = 0  # the disk has been asked to read the records up to here
     staged: Staged | None = None  # reads (and writes) go to this staged file
     writable: bool = False
     append: bool = False
@@ -508,10 +509,15 @@ class MountView:
             # a sequential reader (cat, cp, torch.load): decode the next chunks while this
             # one is being copied out and the reader works on it
             f.sequential = f.sequential + 1 if offset == f.next_offset else 0
-            f.next_offset = offset + size
+            f.next_offset = end = offset + size
+            if not f.sequential:
+                f.advised_to = 0
             if f.sequential >= 2:
-                self.repo.objects.prefetch(self._prefetcher, f.view.chunks_in(offset + size, self.prefetch_bytes))
-                self.repo.objects.advise(f.view.chunks_in(offset + size, ADVISE_BYTES))
+                self.repo.objects.prefetch(self._prefetcher, f.view.chunks_in(end, self.prefetch_bytes))
+                if f.advised_to < end + ADVISE_BYTES // 2:  # in steps of half the window
+                    start = max(end, f.advised_to)
+                    self.repo.objects.advise(f.view.chunks_in(start, end + ADVISE_BYTES - start))
+                    f.advised_to = end + ADVISE_BYTES
 
     def release(self, fh: int) -> None:
         with self._lock:

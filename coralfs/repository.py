@@ -13,6 +13,7 @@ import getpass
 import heapq
 import io
 import json
+import logging
 import os
 import re
 import socket
@@ -131,7 +132,6 @@ class Repository:
         self._repack_again = False
         self._repack_stop = threading.Event()
         self._repack_error: BaseException | None = None
-        self.repack_stats = RepackStats()
 
     # ---------------------------------------------------------------- gc interlock
     @contextlib.contextmanager
@@ -244,7 +244,7 @@ class Repository:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         while True:
             try:
-                self.repack_stats.add(repack(self.objects, self.writing, self._repack_stop))
+                repack(self.objects, self.writing, self._repack_stop)
             except Exception as e:  # noqa: BLE001 - the work stays queued; reported by wait_repack
                 self._repack_error = e
             with self._repack_lock:
@@ -270,8 +270,11 @@ class Repository:
 
     def close(self) -> None:
         """Close the repository, after the background repack has finished its work."""
-        with contextlib.suppress(Exception):  # what it did not finish stays queued
+        try:
             self.wait_repack()
+        except Exception as e:  # noqa: BLE001 - what it did not finish stays queued
+            logging.getLogger(__name__).warning("background repack failed (its work stays queued; "
+                                                "`coralfs repack` retries it): %s", e)
         self._repack_stop.set()
         th = self._repack_thread
         if th is not None:

@@ -400,6 +400,8 @@ class CoralOperations:
 
     @_fuse_op
     def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes:
+        # mfusepy registers libfuse's read callback only because this exists; CoralFUSE.read
+        # then serves it through read_into (this stays correct for a plain mfusepy.FUSE)
         return self.view.read(fi.fh, offset, size)
 
     @_fuse_op

@@ -128,27 +128,31 @@ class Ingestor:
             yield s, min(s + step, r.end)
 
     # -- base selection --------------------------------------------------------
-    def _base_for(self, t: Txn, r: Region, i: int, prev: dict[str, Segment]) -> tuple[bytes, bool] | None:
-        """``(chunk id, is the previous version of this piece)`` of the base for piece ``i``."""
+    def _base_for(self, t: Txn, r: Region, i: int,
+                  prev: dict[str, Segment]) -> tuple[bytes, bool, records.RecordHeader] | None:
+        """``(chunk id, is the previous version of this piece, its record header)`` of the base
+        for piece ``i``."""
         seg = prev.get(r.name)
         if seg is not None and seg.dtype == r.dtype and i < len(seg.pieces):
             cid = seg.pieces[i].chunk
-            if cid is not None and t.has("chunks", cid):
-                return cid, True
+            v = t.peek("chunks", cid, records.PEEK_LEN) if cid is not None else None
+            if cid is not None and v is not None:
+                return cid, True, records.parse_header(v[0])
         cid = t.get("index", tensor_index_key(r.dtype, r.name, i))
-        if cid is None or not t.has("chunks", cid):
+        v = t.peek("chunks", cid, records.PEEK_LEN) if cid is not None else None
+        if cid is None or v is None:
             return None
-        return cid, False
+        return cid, False, records.parse_header(v[0])
 
     def _tensor_job(self, raw: memoryview, width: int, cid: bytes,
-                    base: tuple[bytes, bool] | None) -> tuple[bytes, bytes | None]:
+                    base: tuple[bytes, bool, records.RecordHeader] | None) -> tuple[bytes, bytes | None]:
         """A new tensor piece's record, and the previous version to demote against it, if any:
         the previous version of the file's piece when it is a keyframe. (When it is already a
         delta, from an older forward chain or because another branch's new version demoted it,
         nothing is queued.) A file with no history deltas forward against the index's piece."""
         if base is not None and not base[1]:
-            return self._encode_forward(raw, width, base[0]), None
-        h = self.ostore.chunk_header(base[0]) if base is not None else None
+            return self._encode_forward(raw, width, base[0], base[2]), None
+        h = base[2] if base is not None else None
         rec = records.encode_tensor(raw, width, gen=h.gen + 1 if h is not None else 0)
         if h is None or h.bases:
             return rec, None
@@ -160,7 +164,7 @@ class Ingestor:
         self.ostore.chunk_cache.put(cid, bytes(raw))
         return rec, base[0]
 
-    def _encode_forward(self, raw: memoryview, width: int, base_cid: bytes) -> bytes:
+    def _encode_forward(self, raw: memoryview, width: int, base_cid: bytes, h: records.RecordHeader) -> bytes:
         """Encode a tensor piece of a file with no history of its own, forward against a
         same-named piece elsewhere, under the two-level chain policy.
 
@@ -171,7 +175,6 @@ class Ingestor:
         version decodes in at most SUBCHAIN + 1 steps. Measured (tensorcodec author, fp32 /
         bf16 fine-tunes saved every 5 steps): .554 / .184 of raw at <= 5 decodes, against
         .548 / .196 for a plain chain with a keyframe every 8 (<= 9 decodes)."""
-        h = self.ostore.chunk_header(base_cid)
         gen = h.gen + 1 if h.bases else 1
         if gen >= KEYFRAME_EVERY or h.depth >= self.max_depth:
             return records.encode_tensor(raw, width)

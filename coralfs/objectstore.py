@@ -92,14 +92,10 @@ class ObjectStore:
         return v
 
     def chunk_header(self, cid: bytes) -> records.RecordHeader:
-        with self.store.read() as t:
-            v = t.peek("chunks", cid, records.PEEK_LEN)  # only the header is read
-        if v is None:
-            raise MissingObject(f"chunk {cid.hex()} is missing")
-        return records.parse_header(v[0])
+        return self.chunk_info(cid)[0]
 
     def chunk_info(self, cid: bytes) -> tuple[records.RecordHeader, int]:
-        """A chunk's record header and the record's stored length."""
+        """A chunk's record header and the record's stored length (only the header is read)."""
         with self.store.read() as t:
             v = t.peek("chunks", cid, records.PEEK_LEN)
         if v is None:

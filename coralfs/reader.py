@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import io
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from coralfs.objects import Manifest, Piece
@@ -46,12 +47,13 @@ class FileView:
         assert p.chunk is not None
         return self.ostore.get_chunk(p.chunk)
 
-    def pread(self, offset: int, size: int) -> bytes:
+    def _parts(self, offset: int, size: int) -> Iterator[tuple[bytes, int, int]]:
+        """``(piece bytes, lo, hi)`` for each piece ``[offset, offset + size)`` touches, in
+        order: the request is ``data[lo:hi]`` of each, concatenated."""
         if offset >= self.size or size <= 0:
-            return b""
+            return
         end = min(self.size, offset + size)
         i = bisect.bisect_right(self._starts, offset) - 1
-        parts: list[bytes | memoryview] = []
         pos = offset
         multi = end > self._starts[i] + self._pieces[i].length
         while pos < end:
@@ -60,11 +62,14 @@ class FileView:
                 nxt = [self._pieces[j].chunk for j in range(i + 1, min(i + 3, len(self._pieces)))
                        if self._starts[j] < end and self._pieces[j].chunk is not None]
                 self.ostore.prefetch(prefetch_pool(), nxt)  # type: ignore[arg-type]
-            data = self._piece_bytes(p)
             lo, hi = pos - start, min(p.length, end - start)
-            parts.append(data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi])
+            yield self._piece_bytes(p), lo, hi
             pos = start + hi
             i += 1
+
+    def pread(self, offset: int, size: int) -> bytes:
+        parts = [data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi]
+                 for data, lo, hi in self._parts(offset, size)]
         if len(parts) == 1:
             part = parts[0]
             return part if isinstance(part, bytes) else bytes(part)
@@ -73,25 +78,11 @@ class FileView:
     def pread_into(self, offset: int, dst: memoryview) -> int:
         """``pread`` straight into ``dst`` (e.g. the FUSE reply buffer): one copy of each
         byte, from the decoded-chunk cache, and no ``bytes`` built for the request."""
-        size = len(dst)
-        if offset >= self.size or size <= 0:
-            return 0
-        end = min(self.size, offset + size)
-        i = bisect.bisect_right(self._starts, offset) - 1
-        pos = offset
-        multi = end > self._starts[i] + self._pieces[i].length
-        while pos < end:
-            p, start = self._pieces[i], self._starts[i]
-            if multi:
-                nxt = [self._pieces[j].chunk for j in range(i + 1, min(i + 3, len(self._pieces)))
-                       if self._starts[j] < end and self._pieces[j].chunk is not None]
-                self.ostore.prefetch(prefetch_pool(), nxt)  # type: ignore[arg-type]
-            data = self._piece_bytes(p)
-            lo, hi = pos - start, min(p.length, end - start)
-            dst[pos - offset : pos - offset + hi - lo] = memoryview(data)[lo:hi]
-            pos = start + hi
-            i += 1
-        return end - offset
+        n = 0
+        for data, lo, hi in self._parts(offset, len(dst)):
+            dst[n : n + hi - lo] = memoryview(data)[lo:hi]
+            n += hi - lo
+        return n
 
     def chunks(self) -> list[tuple[int, Piece]]:
         return list(zip(self._starts, self._pieces, strict=True))

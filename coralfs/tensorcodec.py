@@ -127,14 +127,14 @@ _PyBytes_FromStringAndSize.restype = ctypes.py_object
 _PyBytes_FromStringAndSize.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
 
 
-def _new_bytes(n: int) -> tuple[bytes, np.ndarray]:
+def _new_bytes(n: int) -> tuple[bytes | None, np.ndarray]:
     """A new ``bytes`` of length ``n`` and a writable uint8 array over its buffer, to decode
     into: what C extensions do with ``PyBytes_FromStringAndSize(NULL, n)``. The object is
     fresh (nothing else can see it until it is returned), and filling it in place saves
     copying every decoded chunk once more (``ndarray.tobytes``: ~8% of a mount's first read
     in a profile, bench/RESULTS.md third session)."""
-    if n < 2:  # the empty and 1-byte objects are shared singletons
-        return b"", np.empty(n, dtype=np.uint8)
+    if n < 2:  # the empty and 1-byte objects are shared singletons: never written into
+        return None, np.empty(n, dtype=np.uint8)
     b = _PyBytes_FromStringAndSize(None, n)
     addr = ctypes.cast(ctypes.c_char_p(b), ctypes.c_void_p).value
     return b, np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(addr))
@@ -527,6 +527,7 @@ def decode(
         raise FormatError("tensor payload has the wrong length")
 
     out_bytes, out = (None, np.empty(raw_len, dtype=np.uint8)) if as_array else _new_bytes(raw_len)
+    fill_bytes = not as_array
     dctx = _dctx()
     planes = []
     for mode, size in dirs:
@@ -558,6 +559,6 @@ def decode(
         for i, plane in enumerate(planes):
             body[:, i] = plane
         _inverse_(codec_id, flags, x, b1, b2)
-    if out_bytes is None:
+    if not fill_bytes:
         return out
-    return out_bytes if raw_len >= 2 else out.tobytes()
+    return out_bytes if out_bytes is not None else out.tobytes()

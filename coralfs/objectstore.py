@@ -208,7 +208,7 @@ class ObjectStore:
                 # the record is read with one exact pread (store.Txn); bases are fetched in
                 # their own short transactions
                 memo: dict[bytes, Any] = {}
-                with self.store.read(buffers=True) as t:
+                with self.store.read(buffers=True, direct=True) as t:
                     record = t.get("chunks", cid)
                     if record is None:
                         raise MissingObject(f"chunk {cid.hex()} is missing")
@@ -242,7 +242,7 @@ class ObjectStore:
             return data
         if depth > MAX_CHAIN:
             raise FormatError("delta chain too deep (a cycle?)")
-        with self.store.read(buffers=True) as t:
+        with self.store.read(buffers=True, direct=True) as t:
             record = t.get("chunks", cid)
             if record is None:
                 raise MissingObject(f"chunk {cid.hex()} is missing")

@@ -104,3 +104,92 @@ def test_a_wrong_location_falls_back_to_the_map(st: Store, monkeypatch: pytest.M
     monkeypatch.setattr(store_mod, "_PREAD_OK", False)  # an LMDB of another format: map only
     with st.read() as t:
         assert dict(t.items("chunks")) == values
+
+
+def _drop_file_cache(s: Store) -> None:
+    """Evict the store file's pages from the page cache (they are clean once synced)."""
+    s.sync()
+    fd = os.open(os.path.join(s.path, "data.mdb"), os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _count_direct(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = os.preadv
+
+    def counting(fd: int, bufs: list, off: int) -> int:
+        calls.append(sum(len(b) for b in bufs))
+        return real(fd, bufs, off)
+
+    monkeypatch.setattr(store_mod.os, "preadv", counting)
+    return calls
+
+
+def test_direct_reads_of_cold_values(st: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunk decoder's transactions (``direct``) read large values that are not in the
+    page cache with O_DIRECT into recycled buffers; the bytes are LMDB's, and the buffers go
+    back to the pool when the transaction ends. Values too large for a buffer use pread."""
+    values = _fill(st)
+    _drop_file_cache(st)
+    direct = st._shared[7]
+    calls = _count_direct(monkeypatch)
+    preads = _count_preads(monkeypatch)
+    with st.read(buffers=True, direct=True) as t:
+        for k, v in values.items():
+            assert bytes(t.get("chunks", k)) == v
+        held = list(t._held)
+    if direct is None or not direct.enabled:  # a filesystem without O_DIRECT (tmpfs): pread
+        assert calls == [] and preads
+        return
+    direct_sizes = [n for n in map(len, values.values()) if 4096 < n <= direct.SIZE - 16]
+    assert len(calls) == len(direct_sizes) and all(c % 4096 == 0 for c in calls)
+    assert held and all(any(b is f for f in direct._free) for b in held)  # handed back
+    assert max(preads) >= max(map(len, values.values()))  # the 3 MiB value: pread
+    # a second transaction reuses the buffers instead of faulting in new memory
+    _drop_file_cache(st)
+    with st.read(buffers=True, direct=True) as t:
+        for k, v in values.items():
+            assert bytes(t.get("chunks", k)) == v
+        assert all(any(b is f for f in held) for b in t._held)
+
+
+def test_direct_reads_only_where_asked(st: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain and zero-copy transactions never use O_DIRECT views (their values may outlive
+    the transaction as bytes); values in the page cache are read through the map."""
+    values = _fill(st)
+    _drop_file_cache(st)
+    calls = _count_direct(monkeypatch)
+    with st.read() as t:
+        assert {k: t.get("chunks", k) for k in values} == values
+    with st.read(buffers=True) as t:
+        assert {k: bytes(t.get("chunks", k)) for k in values} == values
+    assert calls == []
+    monkeypatch.setattr(store_mod.Txn, "_resident", lambda self, off, n: True)
+    with st.read(buffers=True, direct=True) as t:
+        assert {k: bytes(t.get("chunks", k)) for k in values} == values
+    assert calls == []
+
+
+def test_direct_reads_fall_back(st: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem that refuses O_DIRECT (EINVAL) turns direct reads off, and a wrong
+    computed location is caught by the overflow-page header: right bytes either way."""
+    values = _fill(st)
+    direct = st._shared[7]
+    if direct is None:
+        pytest.skip("O_DIRECT cannot be opened on this filesystem")
+    monkeypatch.setattr(store_mod.Txn, "_resident", lambda self, off, n: False)
+    with st.read(buffers=True, direct=True) as t:
+        t._psize = 8192  # every computed offset is wrong
+        assert {k: bytes(t.get("chunks", k)) for k in values} == values
+
+    def refuse(fd: int, bufs: list, off: int) -> int:
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(store_mod.os, "preadv", refuse)
+    with st.read(buffers=True, direct=True) as t:
+        assert {k: bytes(t.get("chunks", k)) for k in values} == values
+    assert direct.enabled is False

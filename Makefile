@@ -38,6 +38,7 @@ bench: install
 	@if [ "$$(id -u)" = 0 ]; then DEBIAN_FRONTEND=noninteractive apt-get install -y -qq zstd xdelta3 borgbackup restic >/dev/null; fi
 	$(PYTHON) -m bench.storage
 	$(PYTHON) -m bench.mount
+	$(PYTHON) -m bench.page_cache
 	$(PYTHON) -m bench.decode
 	$(PYTHON) -m bench.chain_shape
 

@@ -165,10 +165,12 @@ class ObjectStore:
             executor.submit(self._prefetch_one, cid)
 
     def advise(self, cids: Iterable[bytes]) -> None:
-        """Have the disk start reading these chunks' records, on a background thread (finding
-        a record may itself read a B-tree page). A sequential reader advises well ahead of
-        what it decodes: with its reads all in flight the disk delivers 69 MB of records in
-        52-67 ms instead of 98-105 ms one ``pread`` after another (cold, bench/RESULTS.md)."""
+        """Look these chunks' records up ahead of their decode, on a background thread: the
+        B-tree pages that locate them come in from disk here, not in the decoder. Where
+        the store cannot read records with ``O_DIRECT``, also have the disk start reading
+        the records themselves (``Txn.advise``): with its reads all in flight the disk
+        delivers 69 MB of records in 52-67 ms instead of 98-105 ms one ``pread`` after
+        another (cold, bench/RESULTS.md)."""
         todo = []
         with self._flock:
             for cid in cids:

@@ -61,6 +61,7 @@ class _DirectReads:
 
     SIZE = 2 << 20  # one buffer: a 1 MiB tensor piece's record with room to spare
     KEEP = 16  # buffers kept for reuse (more are allocated when more reads are in flight)
+    MAX_OUT = 64  # buffers out at once (128 MiB: decoders in deep chains hold one per level)
     ALIGN = 4096
 
     def __init__(self, path: str) -> None:
@@ -68,9 +69,13 @@ class _DirectReads:
         self.enabled = hasattr(os, "O_DIRECT")
         self._free: list[mmap.mmap] = []
         self._lock = threading.Lock()
+        self.out = 0  # buffers handed out and not yet given back
 
-    def _take(self) -> mmap.mmap:
+    def _take(self) -> mmap.mmap | None:
         with self._lock:
+            if self.out >= self.MAX_OUT:
+                return None
+            self.out += 1
             if self._free:
                 return self._free.pop()
         buf = mmap.mmap(-1, self.SIZE)
@@ -81,6 +86,7 @@ class _DirectReads:
 
     def give(self, buf: mmap.mmap) -> None:
         with self._lock:
+            self.out -= 1
             if len(self._free) < self.KEEP:
                 self._free.append(buf)
 
@@ -91,6 +97,8 @@ class _DirectReads:
         if not self.enabled or off % self.ALIGN or total > self.SIZE:
             return None
         buf = self._take()
+        if buf is None:  # many reads in flight already: this one goes through the page cache
+            return None
         try:
             with memoryview(buf) as whole, whole[:total] as dst:
                 got = os.preadv(self.fd, [dst], off)
@@ -220,9 +228,10 @@ class Txn:
             return self._value(cur)[0] if cur.set_key(key) else None  # type: ignore[return-value]
 
     def advise(self, db: str, keys: Iterable[bytes]) -> None:
-        """Start reading these values from disk in the background (``POSIX_FADV_WILLNEED`` on
-        exactly their bytes): a reader about to decode several chunks gets their I/O in
-        flight at once instead of one ``pread`` after another."""
+        """Look these keys up (their B-tree pages come in from disk now) and, unless values
+        are read with ``O_DIRECT`` (which would bypass what this fetches), start reading
+        the values in the background (``POSIX_FADV_WILLNEED`` on exactly their bytes): a
+        reader about to decode several chunks gets their I/O in flight at once."""
         if self._fd < 0:
             return
         with self.txn.cursor(db=self.dbs[db]) as cur:

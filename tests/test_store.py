@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -193,3 +194,22 @@ def test_direct_reads_fall_back(st: Store, monkeypatch: pytest.MonkeyPatch) -> N
     with st.read(buffers=True, direct=True) as t:
         assert {k: bytes(t.get("chunks", k)) for k in values} == values
     assert direct.enabled is False
+
+
+def test_direct_reads_are_bounded(st: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At most MAX_OUT buffers are out at once (nested transactions of a deep chain each
+    hold theirs); past that, reads go through pread, and every buffer comes back."""
+    values = _fill(st)
+    direct = st._shared[7]
+    if direct is None or not direct.enabled:
+        pytest.skip("O_DIRECT is not available on this filesystem")
+    monkeypatch.setattr(store_mod.Txn, "_resident", lambda self, off, n: False)
+    monkeypatch.setattr(store_mod._DirectReads, "MAX_OUT", 3)
+    big = [k for k, v in values.items() if 4096 < len(v) <= direct.SIZE - 16]
+    assert len(big) >= 4
+    with contextlib.ExitStack() as stack:
+        txns = [stack.enter_context(st.read(buffers=True, direct=True)) for _ in big]
+        for t, k in zip(txns, big, strict=True):
+            assert bytes(t.get("chunks", k)) == values[k]
+        assert direct.out == 3 and sum(len(t._held) for t in txns) == 3
+    assert direct.out == 0

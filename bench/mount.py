@@ -11,7 +11,7 @@ Reading (issue 4), side by side, in one run:
 
 "First read" = ``echo 3 > /proc/sys/vm/drop_caches`` (needs root) before the read and,
 for the mount, a fresh mount (so the decoded-chunk cache is empty too). Medians of
-``--reps`` runs.
+``--reps`` runs; for ``torch.load`` and ``get_tensor`` local and mount reads alternate.
 
 Data: the real checkpoint series of ``bench/corpus.py`` (``scratch_pt``: a GPT trained from
 scratch, model + AdamW every 10 steps; ``finetune_fp32``: MiniLM fine-tuned, safetensors).
@@ -275,6 +275,24 @@ def local_cold(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(times)
 
 
+def side_by_side(m: Mounter, local: Callable[[], object], mounted: Callable[[str], object],
+                 reps: int) -> tuple[float, float]:
+    """First reads, local and through a fresh mount alternating (which goes first alternates
+    too), so both see the same machine: the disk of this VM drifts by +-30% over minutes.
+    Returns the two medians."""
+    lt: list[float] = []
+    mt: list[float] = []
+    for i in range(reps):
+        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+            if side == 0:
+                drop_caches()
+                lt.append(timed(local))
+            else:
+                with m.fresh() as d:
+                    mt.append(timed(lambda d=d: mounted(d)))
+    return statistics.median(lt), statistics.median(mt)
+
+
 _API_SCRIPT = """
 import io, sys, time
 import torch
@@ -365,17 +383,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def tload(p: str) -> None:
             torch.load(p, weights_only=True)
 
-        res["torch_load"] = {"bytes": newest.stat().st_size, "local": local_cold(lambda: tload(str(newest)), reps),
-                             "mount": m.cold(lambda d: tload(f"{d}/main/scratch/ckpt.pt"), reps),
+        tl_local, tl_mount = side_by_side(m, lambda: tload(str(newest)),
+                                          lambda d: tload(f"{d}/main/scratch/ckpt.pt"), reps)
+        res["torch_load"] = {"bytes": newest.stat().st_size, "local": tl_local, "mount": tl_mount,
                              "api": api.cold("torch_load", "main", "scratch/ckpt.pt", reps)}
 
         # 3. one tensor from a large safetensors file
         stf = ft[-1]
         name, nbytes = pick_tensor(stf)
         log(f"get_tensor {name!r} ({nbytes / 1e6:.1f} MB) from {stf.name} ({stf.stat().st_size / 1e6:.0f} MB)")
+        gt_local, gt_mount = side_by_side(m, lambda: get_tensor(str(stf), name),
+                                          lambda d: get_tensor(f"{d}/main/ft/model.safetensors", name), reps)
         res["one_tensor"] = {"file_bytes": stf.stat().st_size, "tensor": name, "tensor_bytes": nbytes,
-                             "local": local_cold(lambda: get_tensor(str(stf), name), reps),
-                             "mount": m.cold(lambda d: get_tensor(f"{d}/main/ft/model.safetensors", name), reps)}
+                             "local": gt_local, "mount": gt_mount}
 
         # 4. newest vs oldest of the series (first read through the mount; local for reference)
         oldest_id = meta["series_commits"][0]
@@ -599,7 +619,8 @@ def table(res: dict[str, Any]) -> str:
     lines.insert(1, "-+-".join("-" * w for w in widths))
     notes = [f"medians of {res['reps']} runs; first read = page cache dropped"
              + ("" if res["page_cache_dropped"] else " (NOT possible here: numbers are warm)")
-             + " and, for the mount, a fresh mount (empty decoded-chunk cache)",
+             + " and, for the mount, a fresh mount (empty decoded-chunk cache); torch.load and get_tensor: "
+             "local and mount alternating",
              f"kernel readahead on the mount: {res['readahead_kb']} KiB, on the repository's disk: "
              f"{res.get('disk_readahead_kb')} KiB; machine: {res['cpus']} CPUs, load average "
              f"{res['load_before']:.1f} before / {res['load_after']:.1f} after",

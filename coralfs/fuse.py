@@ -610,6 +610,9 @@ def _serve(root: str, mountpoint: str, *, direct_io: bool, debug: bool, allow_ot
     kernels.load_in_background()  # compiled decode loops for this long-lived process
     reserve_heap()  # meanwhile (the loops take longer to load than this)
     repo = Repository(root)
+    t0 = time.perf_counter()
+    warmed = repo.warm_index()  # lookups in memory from the first read on
+    log.info("index: %.1f MB of B-tree pages in memory (%.0f ms)", warmed / 1e6, (time.perf_counter() - t0) * 1000)
     view: MountView | None = None
     writer: Writer | None = None
     try:

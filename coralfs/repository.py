@@ -268,6 +268,12 @@ class Repository:
             raise err
         return self._repack_thread is None or not self._repack_thread.is_alive()
 
+    def warm_index(self) -> int:
+        """Bring the store's B-tree pages (chunk, object and ref lookups, not the data) into
+        memory, within ``store.WARM_BUDGET``; for long-lived readers such as the mount.
+        Returns the bytes walked."""
+        return self.objects.store.warm_index()
+
     def close(self) -> None:
         """Close the repository, after the background repack has finished its work."""
         try:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from coralfs import store as store_mod
@@ -213,3 +215,37 @@ def test_direct_reads_are_bounded(st: Store, monkeypatch: pytest.MonkeyPatch) ->
             assert bytes(t.get("chunks", k)) == values[k]
         assert direct.out == 3 and sum(len(t._held) for t in txns) == 3
     assert direct.out == 0
+
+
+def test_warm_index_brings_btree_pages_in(tmp_path: Path) -> None:
+    """warm_index walks the B-tree pages (not the values) into memory, within a budget."""
+    st = Store(tmp_path / "store", create=True)
+    rng = random.Random(3)
+    st.write(lambda t: [t.put("chunks", rng.randbytes(32), rng.randbytes(rng.choice([100, 3000, 9000])))
+                        for _ in range(3000)])
+    with st.read() as t:
+        s = t.stat("chunks")
+    pages = s["branch_pages"] + s["leaf_pages"]
+    assert s["depth"] >= 2 and pages > 10
+    assert st.warm_index(budget=pages * s["psize"] - 1) == 0  # over budget: skipped
+    _drop_file_cache(st)
+    st.close()  # (unmapped: the writes read the tree through the map, so it stayed cached)
+    st = Store(tmp_path / "store")
+    _drop_file_cache(st)
+
+    def resident_pages() -> int:  # of the whole file, through the map (mincore)
+        with st.read() as t, t.txn.cursor(db=t.dbs["chunks"]) as cur:
+            assert cur.first()
+            page = np.frombuffer(cur.key(), dtype=np.uint8).ctypes.data & ~(s["psize"] - 1)  # a leaf
+            pgno = store_mod._PAGE.unpack(ctypes.string_at(page, store_mod._PAGE.size))[0]
+            n = os.path.getsize(os.path.join(st.path, "data.mdb")) // s["psize"]
+            vec = (ctypes.c_ubyte * n)()
+            assert store_mod._libc.mincore(ctypes.c_void_p(page - pgno * s["psize"]), n * s["psize"], vec) == 0
+            return sum(b & 1 for b in vec)
+
+    before = resident_pages()
+    assert before < pages // 2  # the drop worked: most of the tree is on disk only
+    assert st.warm_index(("chunks",)) == pages * s["psize"]
+    assert resident_pages() - before >= pages - 4  # the tree is in memory now (not the values)
+    assert resident_pages() < before + pages + 8  # ... and not the values
+    st.close()

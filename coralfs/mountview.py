@@ -74,7 +74,6 @@ TAGS = "@tags"
 DEFAULT_BLKSIZE = 1 << 20  # st_blksize: readers (cat, cp, Python) then issue large reads
 PREFETCH_BYTES = 8 << 20  # sequential readers: decode this far ahead (eight 1 MiB pieces)
 ADVISE_BYTES = 64 << 20  # ... and have the disk read this far ahead
-OPEN_AHEAD_BYTES = 64 << 10  # at open: decode the pieces holding this much of each end
 _HEX_NAME = re.compile(r"^[0-9a-f]{4,64}$")
 _COMMIT_INDEX = b"c\x00"  # index db: b"c\0" + commit id -> b"" (see Repository.commits)
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
@@ -476,19 +475,7 @@ class MountView:
                     self._cached_opens[path] = cached
             fh = next(self._fh)
             self._handles[fh] = OpenFile(fh, path, view, e.manifest, node.immutable, keep, direct)
-        self._open_ahead(view)
         return fh
-
-    def _open_ahead(self, view: FileView) -> None:
-        """Start decoding where readers of a checkpoint look first, before they ask: the
-        header at the start and, for a torch zip, the central directory at the end. (A
-        ``torch.load`` reads those two ends one after the other before it streams.)"""
-        if self._prefetcher is None or view.size <= 2 * OPEN_AHEAD_BYTES:
-            return
-        cids = view.chunks_in(0, OPEN_AHEAD_BYTES)
-        if view.manifest.format == "torch-zip":
-            cids += view.chunks_in(view.size - OPEN_AHEAD_BYTES, OPEN_AHEAD_BYTES)
-        self.repo.objects.prefetch(self._prefetcher, cids)
 
     def opened(self, fh: int) -> OpenFile:
         try:

@@ -272,38 +272,6 @@ def test_view_chunk_loading(world: World, monkeypatch: pytest.MonkeyPatch) -> No
         assert len(decoded) == len(set(decoded))  # prefetch and reads never decode a chunk twice
 
 
-def test_view_open_ahead(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Opening a checkpoint starts decoding where loaders look first, before any read: the
-    start, and for a torch zip also the end (its central directory); nothing else."""
-    r = world.repo
-    ostore = r.objects
-    decoded: list[bytes] = []
-    real = ostore._decode_chunk
-
-    def recording(cid: bytes, _depth: int = 0) -> bytes:
-        if _depth == 0:
-            decoded.append(cid)
-        return real(cid, _depth)
-
-    monkeypatch.setattr(ostore, "_decode_chunk", recording)
-    c = world.main[2].hex()
-    for name, ends in (("train.pt", 2), ("model.safetensors", 1)):
-        ostore.chunk_cache.clear()
-        decoded.clear()
-        with MountView(r) as v:
-            fh = v.open(f"/@commits/{c}/{name}")
-            view = v.opened(fh).view
-            n = 64 << 10
-            want = set(view.chunks_in(0, n)) | (set(view.chunks_in(view.size - n, n)) if ends == 2 else set())
-            deadline = time.monotonic() + 10
-            while not all(ostore.chunk_cache.get(x) is not None for x in want):
-                assert time.monotonic() < deadline, f"{name}: its ends were not decoded at open"
-                time.sleep(0.02)
-            v.release(fh)
-        assert set(decoded) == want and len(decoded) == len(want)
-        assert view.size > 4 * n and set(view.chunks_in(n, view.size - 2 * n)) - want  # more remains
-
-
 def _tmpfile(root: str, data: bytes) -> str:
     p = os.path.join(root, ".coralfs", "tmp-test-input")
     with open(p, "wb") as f:

@@ -63,7 +63,8 @@ from coralfs.mountwrite import (
     exec_mode,
 )
 from coralfs.objects import MODE_EXEC, MODE_FILE, Tag, TreeEntry
-from coralfs.reader import FileView
+from coralfs.objectstore import start_threads
+from coralfs.reader import PREFETCH_POOL_THREADS, FileView, prefetch_pool
 
 if TYPE_CHECKING:
     from coralfs.repository import Repository
@@ -229,6 +230,10 @@ class MountView:
         self.prefetch_bytes = prefetch_bytes
         self._prefetcher = ThreadPoolExecutor(prefetch_threads, thread_name_prefix="coralfs-prefetch") \
             if prefetch_bytes > 0 and prefetch_threads > 0 else None
+        if self._prefetcher is not None:  # their threads now, not on the first reader's path
+            start_threads(self._prefetcher, prefetch_threads)
+            start_threads(prefetch_pool(), PREFETCH_POOL_THREADS)
+            repo.objects.start_io()
         self._handles: dict[int, OpenFile] = {}
         self._fh = itertools.count(1)
         # branch/tag paths: the version the kernel's page cache may hold, and the open

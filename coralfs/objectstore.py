@@ -6,6 +6,7 @@ raises IntegrityError, never returns wrong bytes.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -19,6 +20,19 @@ from coralfs.objects import Object, deserialize
 from coralfs.store import Store, Txn
 
 MAX_CHAIN = 64  # a sanity bound for decoding; ingest keeps chains far shorter
+
+
+def start_threads(executor: ThreadPoolExecutor, n: int) -> None:
+    """Have ``executor`` (of ``n`` workers) start its threads now: it starts them lazily, one
+    per submit, and a reader's first request would pay for that (a few ms in all)."""
+    barrier = threading.Barrier(n)
+
+    def meet() -> None:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait(timeout=5)
+
+    for f in [executor.submit(meet) for _ in range(n)]:
+        f.result()
 
 
 class ByteLRU:
@@ -185,6 +199,14 @@ class ObjectStore:
                 self._io = ThreadPoolExecutor(1, thread_name_prefix="coralfs-io")
             io = self._io
         io.submit(self._advise, todo)
+
+    def start_io(self) -> None:
+        """Start the thread ``advise`` works on now (a long-lived reader, before its first read)."""
+        with self._flock:
+            if self._io is None:
+                self._io = ThreadPoolExecutor(1, thread_name_prefix="coralfs-io")
+            io = self._io
+        start_threads(io, 1)
 
     def _advise(self, cids: list[bytes]) -> None:
         try:

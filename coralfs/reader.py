@@ -15,6 +15,7 @@ READAHEAD_BYTES = 8 << 20
 ADVISE_BYTES = 64 << 20  # sequential readers: the disk reads the records this far ahead
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
+PREFETCH_POOL_THREADS = 2
 
 
 def prefetch_pool() -> ThreadPoolExecutor:
@@ -23,7 +24,7 @@ def prefetch_pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(2, thread_name_prefix="coralfs-readahead")
+            _pool = ThreadPoolExecutor(PREFETCH_POOL_THREADS, thread_name_prefix="coralfs-readahead")
         return _pool
 
 

@@ -212,8 +212,28 @@ class ObjectStore:
         try:
             with self.store.read() as t:
                 t.advise("chunks", cids)
+                if self.store.direct_reads:
+                    self._advise_chains(t, cids)
         except Exception:  # only a hint: the reads themselves report problems
             pass
+
+    @staticmethod
+    def _advise_chains(t: Txn, cids: list[bytes]) -> None:
+        """Delta chains: a delta's base is known only once the delta's record is read, so
+        a decoder would wait on one disk read after another down a chain. Here (ahead of
+        the decoder) each record's header is read and the records of every chain are
+        fetched into the page cache at once; the decoder then finds them in memory."""
+        todo, seen = list(cids), set()
+        while todo and len(seen) < 4096:
+            cid = todo.pop()
+            if cid in seen:
+                continue
+            seen.add(cid)
+            v = t.peek("chunks", cid, records.PEEK_LEN)
+            bases = records.parse_header(v[0]).bases if v is not None else ()
+            if bases:
+                t.advise("chunks", [cid], values=True)
+                todo.extend(bases)
 
     def _prefetch_one(self, cid: bytes) -> None:
         try:

@@ -273,16 +273,20 @@ class Txn:
         with self.txn.cursor(db=self.dbs[db]) as cur:
             return self._value(cur)[0] if cur.set_key(key) else None  # type: ignore[return-value]
 
-    def advise(self, db: str, keys: Iterable[bytes]) -> None:
-        """Look these keys up (their B-tree pages come in from disk now) and, unless values
-        are read with ``O_DIRECT`` (which would bypass what this fetches), start reading
-        the values in the background (``POSIX_FADV_WILLNEED`` on exactly their bytes): a
-        reader about to decode several chunks gets their I/O in flight at once."""
+    def advise(self, db: str, keys: Iterable[bytes], values: bool | None = None) -> None:
+        """Look these keys up (their B-tree pages come in from disk now) and start reading
+        their values in the background (``POSIX_FADV_WILLNEED`` on exactly their bytes), so
+        a reader about to decode several chunks gets their I/O in flight at once. By default
+        values are left alone where they are read with ``O_DIRECT`` (which bypasses what
+        this fetches); ``values=True`` fetches them anyway (they will be read from the page
+        cache), ``False`` never."""
         if self._fd < 0:
             return
+        if values is None:
+            values = self._direct is None
         with self.txn.cursor(db=self.dbs[db]) as cur:
             for key in keys:
-                if cur.set_key(key) and self._direct is None:  # (direct readers: the leaves are enough)
+                if cur.set_key(key) and values:
                     loc = self._locate(cur)
                     if loc is not None:
                         os.posix_fadvise(self._fd, loc[0], _PAGE.size + loc[1], os.POSIX_FADV_WILLNEED)
@@ -459,6 +463,12 @@ class Store:
 
     def sync(self) -> None:
         self.env.sync(True)
+
+    @property
+    def direct_reads(self) -> bool:
+        """Whether cold values are read with ``O_DIRECT`` (see ``_DirectReads``)."""
+        d = self._shared[7]
+        return d is not None and d.enabled
 
     def warm_index(self, dbs: Iterable[str] = ("chunks", "objects", "refs"), budget: int = WARM_BUDGET) -> int:
         """Bring these databases' B-tree pages (branches and leaves, not the values) into

@@ -10,8 +10,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save
 
@@ -211,3 +213,54 @@ def test_a_corrupt_version_or_a_malformed_entry_does_not_stall_the_queue(tmp_pat
         assert repo.objects.chunk_record(victim) == bytes(rec)  # left as it was, for fsck to report
         assert not fsck(repo).ok
         _check(repo, [ids[2]], [datas[2]])  # the newest still reads
+
+
+def test_chains_are_fetched_ahead_of_their_decode(tmp_path: Path) -> None:
+    """With O_DIRECT reads, a reader's read-ahead follows delta chains: every delta record
+    on a chain is fetched into the page cache at once (its decoder then reads memory),
+    while keyframes are left to the decoder's direct reads."""
+    datas = _versions(4)
+    with Repository.init(tmp_path / "r") as repo:
+        ids = _commit_all(repo, datas)
+        repo.wait_repack()
+        oldest = repo.get_manifest(repo.entry(ids[0].hex(), "m.safetensors").manifest).chunk_ids()
+        chain: dict[bytes, bool] = {}  # every record the oldest version's chunks decode from -> is a delta
+        todo = list(oldest)
+        while todo:
+            c = todo.pop()
+            if c not in chain:
+                bases = repo.objects.chunk_header(c).bases
+                chain[c] = bool(bases)
+                todo.extend(bases)
+        assert sum(chain.values()) >= 3 and not all(chain.values())
+        path = os.path.join(repo.objects.store.path, "data.mdb")
+    # closed (its map is gone, so nothing keeps the pages): evict the file from the page cache
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    with Repository(tmp_path / "r") as repo:
+        store = repo.objects.store
+        if not store.direct_reads:
+            pytest.skip("O_DIRECT is not available on this filesystem")
+
+        def resident() -> dict[bytes, bool]:
+            out = {}
+            with store.read() as t, t.txn.cursor(db=t.dbs["chunks"]) as cur:
+                for c in chain:
+                    assert cur.set_key(c)
+                    loc = t._locate(cur)
+                    out[c] = loc is not None and t._resident(loc[0], 16 + loc[1])
+            return out
+
+        assert not any(resident().values())
+        with store.read() as t:  # (what the read-ahead thread does; ``_advise`` hides errors)
+            t.advise("chunks", oldest)
+            repo.objects._advise_chains(t, oldest)
+        deadline = time.monotonic() + 10  # (the kernel reads them in the background)
+        while not all(r for c, r in resident().items() if chain[c]):  # every delta on the chains
+            assert time.monotonic() < deadline, "the deltas on the chains were not fetched"
+            time.sleep(0.02)
+        assert not any(r for c, r in resident().items() if not chain[c])  # keyframes: not fetched
+        _check(repo, ids, datas)

@@ -137,8 +137,10 @@ class Txn:
     unexpected falls back to the map. The read transaction keeps those pages from being
     reused while it is open. A zero-copy reader (``buffers``) whose value's pages are all in
     the page cache already (``mincore``) gets a view of the map instead: minor faults, no
-    copy (69 MB of records: ~6 ms instead of ~17 ms). Write transactions always read
-    through the map (their own dirty pages are not in the file yet)."""
+    copy (69 MB of records: ~6 ms instead of ~17 ms). The chunk decoder's transactions
+    (``direct``) read a value that is not in the page cache with ``O_DIRECT`` instead (see
+    ``_DirectReads``). Write transactions always read through the map (their own dirty
+    pages are not in the file yet)."""
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict[str, lmdb._Database], write: bool,
                  buffers: bool = False, fd: int = -1, psize: int = 4096, direct: _DirectReads | None = None,
@@ -169,16 +171,13 @@ class Txn:
         lo, hi, flags, ksize = _NODE.unpack(ctypes.string_at(addr - _NODE.size, _NODE.size))
         if ksize != len(k) or not flags & _F_BIGDATA:
             return None
-        if not self._map_addr:  # the leaf page's header names its page number: the map's base
-            page = addr & ~(self._psize - 1)
-            pgno, _, pflags, _ = _PAGE.unpack(ctypes.string_at(page, _PAGE.size))
-            if pflags & _P_LEAF:
-                self._map_addr = page - pgno * self._psize
+        self._learn_map(cur)
         pgno = int.from_bytes(ctypes.string_at(addr + ksize, 8), "little")
         return pgno * self._psize, lo | hi << 16
 
     def _learn_map(self, cur: lmdb.Cursor) -> bool:
-        """Learn where LMDB's map starts from the leaf page the cursor is on."""
+        """Learn where LMDB's map starts: the header of the leaf page the cursor is on names
+        the page's number."""
         if not self._map_addr:
             page = np.frombuffer(cur.key(), dtype=np.uint8).ctypes.data & ~(self._psize - 1)
             pgno, _, pflags, _ = _PAGE.unpack(ctypes.string_at(page, _PAGE.size))

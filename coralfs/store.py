@@ -89,6 +89,13 @@ class _DirectReads:
         del touch
         return buf
 
+    def reserve(self) -> None:
+        """Fault in the buffers kept for reuse now (a long-lived reader, before it reads)."""
+        bufs = [self._take() for _ in range(self.KEEP)]
+        for b in bufs:
+            if b is not None:
+                self.give(b)
+
     def give(self, buf: mmap.mmap) -> None:
         with self._lock:
             self.out -= 1
@@ -478,9 +485,12 @@ class Store:
         pages stay mapped, so the kernel keeps them while they are in use. The tree is
         walked level by level from its root (LMDB 0.9's page layout, checked page by page),
         each level's pages all asked for at once (``MADV_WILLNEED``), so the disk has them
-        in flight together; a cursor walk would also touch every value's first page."""
+        in flight together; a cursor walk would also touch every value's first page. The
+        direct-read buffers are faulted in here too."""
         if not _PREAD_OK:
             return 0
+        if self._shared[7] is not None:
+            self._shared[7].reserve()
         done = 0
         with self.read() as t:
             for db in dbs:

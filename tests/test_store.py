@@ -248,4 +248,6 @@ def test_warm_index_brings_btree_pages_in(tmp_path: Path) -> None:
     assert st.warm_index(("chunks",)) == pages * s["psize"]
     assert resident_pages() - before >= pages - 4  # the tree is in memory now (not the values)
     assert resident_pages() < before + pages + 8  # ... and not the values
+    direct = st._shared[7]
+    assert direct is None or (len(direct._free) == direct.KEEP and direct.out == 0)  # buffers ready
     st.close()

@@ -198,7 +198,7 @@ class Txn:
         with self.txn.cursor(db=self.dbs[db]) as cur:
             if main is None or len(main) < _DB.size or not cur.first() or not self._learn_map(cur):
                 return 0
-        depth, root = _DB.unpack_from(main)[2], _DB.unpack_from(main)[7]
+        _, _, depth, _, _, _, _, root = _DB.unpack_from(main)
         level, touched = [root], 0
         for _ in range(depth):
             for pgno in level:  # the whole level in flight at once

@@ -8,7 +8,6 @@ consumed stage entries), so a crash leaves either the old or the new head.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import getpass
 import heapq
 import io
@@ -40,6 +39,7 @@ from coralfs.errors import (
 )
 from coralfs.hashing import hasher
 from coralfs.ingest import DEFAULT_MAX_DEPTH, PENDING_PREFIX, Ingestor, IngestStats, MappedFile, Progress
+from coralfs.locks import gate_for
 from coralfs.objects import (
     MODE_EXEC,
     MODE_FILE,
@@ -123,7 +123,7 @@ class Repository:
         if self.config.get("format", FORMAT_VERSION) > FORMAT_VERSION:
             raise CoralError(f"repository format {self.config['format']} is newer than this coralfs")
         self.ingestor = Ingestor(self.objects, int(self.config.get("max_depth", DEFAULT_MAX_DEPTH)), threads)
-        self._lock_local = threading.local()
+        self._gate = gate_for(os.path.join(self.control, "gc.lock"))
         if auto_repack is None:
             auto_repack = os.environ.get("CORALFS_AUTO_REPACK", "1") != "0"
         self.auto_repack = auto_repack
@@ -134,44 +134,19 @@ class Repository:
         self._repack_error: BaseException | None = None
 
     # ---------------------------------------------------------------- gc interlock
-    @contextlib.contextmanager
-    def writing(self) -> Iterator[None]:
+    def writing(self) -> contextlib.AbstractContextManager[None]:
         """Hold while writing chunks that nothing references yet (ingest -> stage/commit).
 
-        A shared flock on ``.coralfs/gc.lock``: any number of writers at once, across
-        processes; ``gc`` takes it exclusively, so it never sweeps a chunk that an
-        unfinished ingest has written but not yet referenced. Re-entrant per thread."""
-        depth = getattr(self._lock_local, "depth", 0)
-        if depth:
-            self._lock_local.depth = depth + 1
-            try:
-                yield
-            finally:
-                self._lock_local.depth -= 1
-            return
-        fd = os.open(os.path.join(self.control, "gc.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-            self._lock_local.depth = 1
-            try:
-                yield
-            finally:
-                self._lock_local.depth = 0
-        finally:
-            os.close(fd)  # releases the lock
+        Shared: any number of writers at once, across processes; ``gc`` takes the lock
+        exclusively, so it never sweeps a chunk that an unfinished ingest has written but not
+        yet referenced. Re-entrant per thread (see :mod:`coralfs.locks`)."""
+        return self._gate.shared()
 
-    @contextlib.contextmanager
-    def exclusive(self, wait: bool = True) -> Iterator[None]:
-        """Exclusive side of ``writing()`` (for gc)."""
-        fd = os.open(os.path.join(self.control, "gc.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError as e:
-                raise ConcurrentUpdate("the repository is busy (an ingest is running)") from e
-            yield
-        finally:
-            os.close(fd)
+    def exclusive(self, wait: bool = True) -> contextlib.AbstractContextManager[None]:
+        """Exclusive side of ``writing()`` (for gc). Waits for this process's own writers (the
+        background repack included); ``wait=False`` refuses (ConcurrentUpdate) only when
+        another process is writing."""
+        return self._gate.exclusive(wait)
 
     @staticmethod
     def _locate(path: str | os.PathLike[str] | None) -> str:

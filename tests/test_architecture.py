@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parent.parent / "coralfs"
 LAYERS: list[set[str]] = [
     {"errors", "hashing", "kernels", "tensorcodec"},
     {"records"},
-    {"store"},
+    {"store", "locks", "keys"},
     {"objects", "refs", "formats", "objectstore", "ingest", "reader", "repack"},
     {"repository"},
     {"diff", "merge", "export", "gc", "fsck", "prune", "torch", "mountview", "mountwrite"},

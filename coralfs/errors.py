@@ -128,3 +128,23 @@ class InvalidArgument(CoralError):
 
     exit_code = 2
     errno = errno.EINVAL
+
+
+class NameTooLong(InvalidPath):
+    """file name too long"""
+
+    errno = errno.ENAMETOOLONG
+
+
+class NotACheckpoint(CoralError):
+    """not a checkpoint file (no tensors found in it)"""
+
+    exit_code = 11
+    errno = errno.EINVAL
+
+
+class NoSpace(CoralError):
+    """no space left on device"""
+
+    exit_code = 12
+    errno = errno.ENOSPC

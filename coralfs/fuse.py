@@ -1,30 +1,32 @@
-"""The FUSE mount: a thin mfusepy adapter over :class:`coralfs.mountview.MountView`.
+"""The FUSE mount: life cycle (mount, daemon, umount) and options.
 
 ``mount(repo, mountpoint)`` makes every branch, commit and tag of a repository a
 directory (see :mod:`coralfs.mountview` for the layout); ``umount(mountpoint)`` undoes it.
+The protocol adapter is :mod:`coralfs.fuse_ops` (libfuse 3's low-level API, bound in
+:mod:`coralfs.fuse_ll`), over :mod:`coralfs.mountnodes` (inodes) and
+:mod:`coralfs.mountview` (what the file system shows).
 
-How it stays fast and correct:
+How it stays correct and fast:
 
-* libfuse 3, chosen explicitly (mfusepy prefers libfuse 2 when both are installed),
-  multithreaded: reads of different files run in parallel (zstd, numpy and BLAKE3
-  release the GIL while a chunk is decoded and verified).
-* Long attribute/entry timeouts. Paths under ``@commits`` never change; branch and tag
-  directories do, so a watcher thread polls the refs (one short LMDB read transaction
-  per ``refresh_interval``) and invalidates, in the kernel, every path of a branch or
-  tag that moved. ``negative_timeout`` is 0, so new branches, commits and files show
-  up at once. Until a moved ref has been invalidated, opens under it use direct I/O
-  (the kernel's cached size may be the old one).
-* Page cache: ``keep_cache`` on every open under ``@commits``; elsewhere only when the
-  file's content is unchanged since the last open of that path. The kernel keeps one
-  page cache per path, so while a reader of an older version of a branch file has it
-  open, a newer version of that path is opened with direct I/O: each reader keeps
-  reading exactly the version it opened. The kernel's automatic invalidation on mtime
-  changes is off (we invalidate explicitly), so re-reads come from the page cache.
-* A large ``st_blksize`` (1 MiB) so readers issue large reads; each read returns one
-  ``bytes`` sliced from the repository's decoded-chunk cache (one decode per chunk at a
-  time; sequential readers get the next chunks decoded ahead). Kernel readahead on the
-  mount is raised to ``READAHEAD_KB`` (root only). ``direct_io`` is off by default (it
-  defeats the page cache and shared mmap); ``--direct-io`` opts in.
+* **One inode per version of a file** (:mod:`coralfs.mountnodes`). The kernel keeps one
+  page cache and one size per inode, so a file opened from a branch directory is a
+  snapshot for the life of its handle: ``read``, ``fstat`` and ``mmap`` all show the
+  version it opened, whatever the branch does meanwhile. An unchanged file keeps its
+  inode (and its cached pages) across commits. A watcher thread polls the refs (one short
+  LMDB read transaction per ``refresh_interval``) and tells the kernel to drop the names
+  whose version changed (``notify_inval_entry``); until then an ``open`` of a superseded
+  inode returns ``ESTALE``, on which the kernel walks the path again and opens the new
+  version. So a new open after a commit sees the new version, never a mix.
+* libfuse 3 (chosen explicitly: mfusepy, which loads it, prefers libfuse 2 when both are
+  installed), multithreaded: reads of different files run in parallel (zstd, numpy and
+  BLAKE3 release the GIL). Long attribute and entry timeouts (names that move are
+  invalidated explicitly); ``keep_cache`` on every open of a stored version (an inode's
+  content never changes behind the kernel); no automatic invalidation on mtime changes.
+* A large ``st_blksize`` (1 MiB) so readers issue large reads; a read is answered with an
+  iovec over the decoded chunks in the repository's chunk cache (no copy in Python; one
+  decode per chunk at a time; sequential readers get the next chunks decoded ahead).
+  Kernel readahead on the mount is raised to ``READAHEAD_KB`` (root only). ``direct_io``
+  is off by default (it defeats the page cache and shared mmap); ``--direct-io`` opts in.
 * The compiled decode loops (:mod:`coralfs.kernels`, numba) load on a thread from the
   daemon's start; ``mount`` returns once they are ready (~0.4 s more than without).
 * glibc ``mallopt(M_MMAP_THRESHOLD=64 MiB, M_TRIM_THRESHOLD=512 MiB, M_ARENA_MAX=1)`` at
@@ -35,6 +37,10 @@ How it stays fast and correct:
 * Errors: a ``CoralError`` becomes its ``errno``; corruption (``IntegrityError``) and
   unexpected exceptions become EIO and a line in ``REPO/.coralfs/mount.log``. Wrong bytes
   are never returned: every chunk is verified against its id before it is served.
+* Other users: without ``--allow-other`` only the mount's owner can use it. With it, the
+  kernel checks the modes shown (``default_permissions``): files and directories belong to
+  the owner and are writable by the owner only; ``--allow-other-write`` makes branch
+  directories writable by everyone, and commits then name who wrote.
 * Writes (see :mod:`coralfs.mountwrite`): a branch directory is writable and writing is
   committing. A written file is staged on local disk in the repository and stored
   (ingested, recorded as a durable pending entry) when it is closed (``flush``) or
@@ -53,13 +59,11 @@ How it stays fast and correct:
   ``@commits`` and ``@tags`` stay immutable (EROFS); ``--read-only`` makes everything so.
   A write-only handle opened while nothing else has the file open uses direct I/O (it
   cannot be memory-mapped; one copy less: ~25% faster ``torch.save``/``cp``); other
-  writers (``O_RDWR``: read back, shared ``mmap``) use the page cache (``keep_cache`` off
-  at open). Readers of a file being written use direct I/O and read the staged bytes; a
-  reader that had the file open when a writer opened it in place follows the writer
-  (same inode), never a mix. Written data arrives through ``write_buf`` and goes from
-  libfuse's buffer to the staged file without a Python copy.
-  ``hard_remove`` is on: a file unlinked or renamed over while open keeps working
-  through its handle.
+  writers (``O_RDWR``: read back, shared ``mmap``) use the page cache. Readers of a file
+  being written use direct I/O and read the staged bytes; a reader that had the file's
+  inode open when a writer opened it in place follows the writer (same inode), never a
+  mix. Written data goes from libfuse's buffer to the staged file without a Python copy.
+  A file unlinked or renamed over while open keeps working through its handle.
 
 In the background, the filesystem runs in a daemon that is a fresh interpreter, which
 opens the repository itself: no LMDB environment crosses a fork. ``mount`` returns once
@@ -73,15 +77,13 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
-import functools
 import logging
 import os
 import select
 import shutil
-import stat
+import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -185,358 +187,6 @@ def reserve_heap(nbytes: int = RESERVE_BYTES) -> None:
         log.warning("could not reserve heap for decoded chunks: %s", e)
 
 
-# ------------------------------------------------------------------ the Operations adapter
-def _fuse_op(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """CoralError -> its errno (EIO ones logged); anything unexpected -> EIO, logged."""
-
-    @functools.wraps(fn)
-    def wrapper(self: CoralOperations, path: str | None, *args: Any) -> Any:
-        try:
-            return fn(self, path, *args)
-        except CoralError as e:
-            if e.errno == errno.EIO:
-                log.error("%s %s: %s: %s", fn.__name__, path, type(e).__name__, e)
-            raise OSError(e.errno, str(e)) from None
-        except OSError:
-            raise
-        except Exception:
-            log.exception("%s %s: unexpected error, returning EIO", fn.__name__, path)
-            raise OSError(errno.EIO, os.strerror(errno.EIO)) from None
-
-    return wrapper
-
-
-class _FuseBuf(ctypes.Structure):  # struct fuse_buf (libfuse 3, fuse_common.h)
-    _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int), ("mem", ctypes.c_void_p), ("fd", ctypes.c_int),
-                ("pos", ctypes.c_int64)]
-
-
-class _FuseBufvec(ctypes.Structure):  # struct fuse_bufvec: the buffers follow inline (mfusepy has a pointer)
-    _fields_ = [("count", ctypes.c_size_t), ("idx", ctypes.c_size_t), ("off", ctypes.c_size_t),
-                ("buf", _FuseBuf * 1)]
-
-
-FUSE_BUF_IS_FD = 1 << 1
-
-
-def fuse_class(mfusepy: Any) -> Any:
-    """mfusepy's FUSE, passing ``rename``'s flags (RENAME_NOREPLACE) and ``ftruncate``'s handle
-    through (mfusepy drops both), and ``write_buf`` without a copy of the data."""
-
-    class CoralFUSE(mfusepy.FUSE):  # type: ignore[misc,name-defined]
-        def write_buf(self, path: bytes | None, bufv: Any, offset: int, fip: Any) -> int:
-            """The written bytes go from libfuse's buffer to the staged file (``os.pwrite`` of a
-            memoryview over it): no Python ``bytes`` copy of every 1 MiB request."""
-            vec = ctypes.cast(bufv, ctypes.POINTER(_FuseBufvec)).contents
-            bufs = ctypes.cast(ctypes.addressof(vec.buf), ctypes.POINTER(_FuseBuf))
-            parts: list[Any] = []
-            skip = vec.off
-            for i in range(vec.idx, vec.count):
-                b = bufs[i]
-                n = b.size - skip
-                if n <= 0:
-                    skip -= b.size
-                    continue
-                if b.flags & FUSE_BUF_IS_FD:  # (spliced data: read it from the pipe)
-                    parts.append(os.read(b.fd, n))
-                else:
-                    parts.append(memoryview((ctypes.c_char * n).from_address(b.mem + skip)).cast("B"))
-                skip = 0
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-            return self.operations.write_buf(None if path is None else path.decode(self.encoding, self.errors),
-                                             data, offset, fip.contents.fh)
-
-        def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
-            """Decoded bytes go from the chunk cache straight into libfuse's reply buffer (mfusepy
-            builds a ``bytes`` per request and copies it again)."""
-            dst = memoryview((ctypes.c_char * size).from_address(ctypes.cast(buf, ctypes.c_void_p).value)).cast("B")
-            return self.operations.read_into(None if path is None else path.decode(self.encoding, self.errors),
-                                             dst, offset, fip.contents)
-
-        def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
-            return self.operations.rename(old.decode(self.encoding, self.errors),
-                                          new.decode(self.encoding, self.errors), flags)
-
-        def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
-            return self.operations.truncate(None if path is None else path.decode(self.encoding, self.errors),
-                                            length, fip.contents.fh if fip else None)
-
-    return CoralFUSE
-
-
-class CoralOperations:
-    """mfusepy high-level operations (``raw_fi=True``, times in ns) over a MountView."""
-
-    use_ns = True
-
-    def __init__(self, view: MountView, *, direct_io: bool = False, attr_timeout: float = ATTR_TIMEOUT,
-                 refresh_interval: float = REFRESH_INTERVAL, on_ready: Callable[[], None] | None = None,
-                 mountpoint: str | None = None, readahead_kb: int | None = READAHEAD_KB) -> None:
-        self.view = view
-        self.mountpoint = mountpoint
-        self.readahead_kb = readahead_kb
-        self.direct_io = direct_io
-        self.attr_timeout = attr_timeout
-        self.refresh_interval = refresh_interval
-        self.on_ready = on_ready
-        self._fuse_ptr: int | None = None
-        self._stop = threading.Event()
-        self._watcher: threading.Thread | None = None
-        self._libfuse: Any = None
-        self.invalidations = 0
-        self.initialized = False
-
-    # -- life cycle ---------------------------------------------------------
-    def init_with_config(self, conn: Any, config: Any) -> None:
-        mfusepy = load_mfusepy()
-        self._libfuse = mfusepy._libfuse
-        if config is not None:
-            config.entry_timeout = self.attr_timeout
-            config.attr_timeout = self.attr_timeout
-            config.negative_timeout = 0.0
-            config.kernel_cache = 0
-            config.auto_cache = 0
-            config.direct_io = 0
-            config.use_ino = 0
-            config.hard_remove = 1  # no .fuse_hidden renames: open handles need no path
-        if conn is not None:
-            conn.want &= ~FUSE_CAP_AUTO_INVAL_DATA
-            if conn.capable & FUSE_CAP_ATOMIC_O_TRUNC:  # O_TRUNC arrives with open: no copy, then truncate
-                conn.want |= FUSE_CAP_ATOMIC_O_TRUNC
-            if conn.capable & FUSE_CAP_EXPLICIT_INVAL_DATA:
-                conn.want |= FUSE_CAP_EXPLICIT_INVAL_DATA
-            log.info("fuse init: proto %d.%d, max_readahead %d, max_read %d, max_write %d, want 0x%x",
-                     conn.proto_major, conn.proto_minor, conn.max_readahead, conn.max_read, conn.max_write,
-                     conn.want)
-        self._fuse_ptr = self._libfuse.fuse_get_context().contents.fuse
-        self.view.poll_changes()  # the first snapshot of the refs
-        self._watcher = threading.Thread(target=self._watch, name="coralfs-refs", daemon=True)
-        self._watcher.start()
-        self.initialized = True
-        # "mounted" means serving at full speed (the kernels have been loading since start)
-        log.info("decode loops: %s", "compiled (numba)" if kernels.wait(timeout=60) else "numpy")
-        if self.on_ready is not None:
-            self.on_ready()
-
-    def destroy(self, path: str) -> None:
-        self._stop.set()
-        if self._watcher is not None:
-            self._watcher.join(timeout=5)
-        if self.view.writer is not None:
-            self.view.writer.close()  # commits what is pending
-        log.info("unmounted")
-
-    def _tune_readahead(self) -> None:
-        """A kernel readahead window of a few chunks: sequential readers then keep several
-        requests in flight, so the next chunk decodes while this one is copied out (root only)."""
-        if not self.readahead_kb or not self.mountpoint:
-            return
-        try:
-            st = os.stat(self.mountpoint)
-            path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
-            with open(path, "w") as f:
-                f.write(str(self.readahead_kb))
-            log.info("readahead: %d KiB (%s)", self.readahead_kb, path)
-        except OSError as e:
-            log.info("readahead left at the kernel default (%s)", e)
-
-    def _watch(self) -> None:
-        """Invalidate the kernel's cache for paths of branches and tags that moved."""
-        self._tune_readahead()
-        while not self._stop.wait(self.refresh_interval):
-            try:
-                self.view.poll_changes(self._invalidate)
-            except Exception:
-                log.exception("polling the refs failed")
-
-    def _invalidate(self, paths: list[str]) -> None:
-        log.info("refs moved: invalidating %d paths", len(paths))
-        for p in paths:
-            if self._stop.is_set():
-                return
-            rc = self._libfuse.fuse_invalidate_path(self._fuse_ptr, p.encode("utf-8", "surrogateescape"))
-            if rc == 0:
-                self.invalidations += 1
-            elif rc != -errno.ENOENT:
-                log.debug("invalidate %s: %s", p, os.strerror(-rc))
-
-    # -- reading ------------------------------------------------------------
-    @_fuse_op
-    def getattr(self, path: str | None, fh: Any = None) -> dict[str, int]:
-        if path is None:  # fstat of a file unlinked (or renamed over) while open
-            if fh is None:
-                raise OSError(errno.EBADF, "no path and no handle")
-            return self.view.fgetattr(fh.fh).to_stat()
-        return self.view.getattr(path).to_stat()
-
-    @_fuse_op
-    def readdir(self, path: str, fh: Any) -> list[Any]:
-        entries: list[Any] = [(".", {"st_mode": stat.S_IFDIR}, 0), ("..", {"st_mode": stat.S_IFDIR}, 0)]
-        for name, is_dir in self.view.scandir(path):
-            entries.append((name, {"st_mode": stat.S_IFDIR if is_dir else stat.S_IFREG}, 0))
-        return entries
-
-    @_fuse_op
-    def access(self, path: str, amode: int) -> int:
-        attr = self.view.getattr(path)
-        if amode & os.W_OK:
-            self.view.check_write(path)
-        if amode & os.X_OK and not attr.mode & 0o111:
-            raise OSError(errno.EACCES, f"{path}: not executable")
-        return 0
-
-    @_fuse_op
-    def open(self, path: str, fi: Any) -> int:
-        fh = self.view.open(path, fi.flags)
-        self._set_fi(fh, fi)
-        return 0
-
-    def _set_fi(self, fh: int, fi: Any) -> None:
-        f = self.view.opened(fh)
-        fi.fh = fh
-        direct = self.direct_io or f.direct_io
-        fi.keep_cache = 1 if f.keep_cache and not direct else 0
-        fi.direct_io = 1 if direct else 0
-
-    @_fuse_op
-    def read(self, path: str | None, size: int, offset: int, fi: Any) -> bytes:
-        # mfusepy registers libfuse's read callback only because this exists; CoralFUSE.read
-        # then serves it through read_into (this stays correct for a plain mfusepy.FUSE)
-        return self.view.read(fi.fh, offset, size)
-
-    @_fuse_op
-    def read_into(self, path: str | None, dst: memoryview, offset: int, fi: Any) -> int:
-        return self.view.read_into(fi.fh, offset, dst)
-
-    @_fuse_op
-    def release(self, path: str | None, fi: Any) -> int:
-        self.view.release(fi.fh)
-        return 0
-
-    @_fuse_op
-    def flush(self, path: str | None, fi: Any) -> int:
-        self.view.flush(fi.fh)  # a written file is stored now: its errors are close()'s
-        return 0
-
-    @_fuse_op
-    def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
-        self.view.fsync(fi.fh)
-        return 0
-
-    @_fuse_op
-    def fsyncdir(self, path: str | None, datasync: int, fh: Any) -> int:
-        if path is not None:
-            self.view.fsyncdir(path)  # commits the branch's pending changes now
-        return 0
-
-    @_fuse_op
-    def statfs(self, path: str) -> dict[str, int]:
-        frsize = 4096
-        if self.view.writer is not None:  # writes are staged in the repository: its free space
-            st = os.statvfs(self.view.repo.control)
-            return {"f_bsize": self.view.blksize, "f_frsize": st.f_frsize, "f_blocks": st.f_blocks,
-                    "f_bfree": st.f_bfree, "f_bavail": st.f_bavail, "f_files": 0, "f_ffree": 0, "f_favail": 0,
-                    "f_namemax": 255}
-        try:
-            used = os.stat(os.path.join(self.view.repo.store.path, "data.mdb")).st_size
-        except OSError:
-            used = 0
-        return {"f_bsize": self.view.blksize, "f_frsize": frsize, "f_blocks": (used + frsize - 1) // frsize,
-                "f_bfree": 0, "f_bavail": 0, "f_files": 0, "f_ffree": 0, "f_favail": 0, "f_namemax": 255}
-
-    # -- writing (mountview / mountwrite do the work) --------------------------
-    @_fuse_op
-    def create(self, path: str, mode: int, fi: Any = None) -> int:
-        fh = self.view.create(path, fi.flags, mode)
-        self._set_fi(fh, fi)
-        return 0
-
-    @_fuse_op
-    def write(self, path: str | None, data: bytes, offset: int, fi: Any) -> int:
-        return self.view.write(fi.fh, offset, data)
-
-    @_fuse_op
-    def write_buf(self, path: str | None, data: Any, offset: int, fh: int) -> int:
-        return self.view.write(fh, offset, data)  # (a memoryview of libfuse's buffer: see fuse_class)
-
-    @_fuse_op
-    def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
-        self.view.truncate(path, length, fh)
-        return 0
-
-    @_fuse_op
-    def fallocate(self, path: str | None, mode: int, offset: int, size: int, fi: Any) -> int:
-        self.view.fallocate(fi.fh, mode, offset, size)
-        return 0
-
-    @_fuse_op
-    def mkdir(self, path: str, mode: int) -> int:
-        self.view.mkdir(path, mode)
-        return 0
-
-    @_fuse_op
-    def rmdir(self, path: str) -> int:
-        self.view.rmdir(path)
-        return 0
-
-    @_fuse_op
-    def unlink(self, path: str) -> int:
-        self.view.unlink(path)
-        return 0
-
-    @_fuse_op
-    def rename(self, old: str, new: str, flags: int = 0) -> int:
-        self.view.rename(old, new, flags)
-        return 0
-
-    @_fuse_op
-    def chmod(self, path: str | None, mode: int) -> int:
-        if path is not None:
-            self.view.chmod(path, mode)
-        return 0
-
-    @_fuse_op
-    def chown(self, path: str | None, uid: int, gid: int) -> int:
-        if path is not None:
-            self.view.check_write(path)  # ownership is not stored
-        return 0
-
-    @_fuse_op
-    def utimens(self, path: str | None, times: Any = None) -> int:
-        if path is not None:
-            self.view.utimens(path, times)
-        return 0
-
-    def _unsupported(self, path: str, what: str) -> None:
-        self.view.check_write(path)
-        raise OSError(errno.EPERM, f"{path}: {what} are not supported")
-
-    @_fuse_op
-    def symlink(self, target: str, source: str) -> int:
-        self._unsupported(target, "symbolic links")
-        return 0
-
-    @_fuse_op
-    def link(self, target: str, source: str) -> int:
-        self._unsupported(target, "hard links")
-        return 0
-
-    @_fuse_op
-    def mknod(self, path: str, mode: int, dev: int) -> int:
-        self._unsupported(path, "device nodes and fifos")
-        return 0
-
-    @_fuse_op
-    def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> int:
-        self.view.check_write(path)
-        raise OSError(errno.ENOTSUP, "extended attributes are not stored")
-
-    @_fuse_op
-    def removexattr(self, path: str, name: str) -> int:
-        self.view.check_write(path)
-        raise OSError(errno.ENOTSUP, "extended attributes are not stored")
-
-
 # ------------------------------------------------------------------ mount / umount
 def repo_root(path: str | os.PathLike[str]) -> str:
     """The repository directory for ``path`` (which may name its .coralfs); nothing is opened."""
@@ -598,14 +248,21 @@ def _setup_logging(path: str, debug: bool) -> logging.Handler:
 def _serve(root: str, mountpoint: str, *, direct_io: bool, debug: bool, allow_other: bool,
            attr_timeout: float, refresh_interval: float, blksize: int | None, max_idle_threads: int = 16,
            readahead_kb: int | None = READAHEAD_KB, prefetch_mb: int | None = None, read_only: bool = False,
-           commit_delay: float = COMMIT_DELAY, on_ready: Callable[[], None] | None = None) -> int:
+           commit_delay: float = COMMIT_DELAY, allow_other_write: bool = False,
+           on_ready: Callable[[], None] | None = None) -> int:
     """Run the filesystem until it is unmounted (blocks). Opens the repository here; a writable
     mount first recovers what earlier mount sessions left (staged data, pending commits)."""
+    # SIGTERM/SIGINT/SIGHUP end the session: libfuse's handlers run in this thread only (the
+    # one waiting for the session to end); every thread started from here on blocks them
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+    from coralfs import fuse_ll
+    from coralfs.fuse_ops import CoralFS
     from coralfs.mountview import DEFAULT_BLKSIZE, PREFETCH_BYTES, MountView
     from coralfs.mountwrite import Writer
     from coralfs.repository import Repository
 
     mfusepy = load_mfusepy()
+    ll = fuse_ll.Binding(mfusepy)
     tune_malloc()
     kernels.load_in_background()  # compiled decode loops for this long-lived process
     reserve_heap()  # meanwhile (the loops take longer to load than this)
@@ -615,34 +272,30 @@ def _serve(root: str, mountpoint: str, *, direct_io: bool, debug: bool, allow_ot
     log.info("index: %.1f MB of B-tree pages in memory (%.0f ms)", warmed / 1e6, (time.perf_counter() - t0) * 1000)
     view: MountView | None = None
     writer: Writer | None = None
+    fs: CoralFS | None = None
     try:
         if not read_only:
             writer = Writer(repo, commit_delay=commit_delay, mountpoint=mountpoint)
             writer.start()
         view = MountView(repo, blksize=blksize or DEFAULT_BLKSIZE,
-                         prefetch_bytes=PREFETCH_BYTES if prefetch_mb is None else prefetch_mb << 20, writer=writer)
-        ops = CoralOperations(view, direct_io=direct_io, attr_timeout=attr_timeout,
-                              refresh_interval=refresh_interval, on_ready=on_ready, mountpoint=mountpoint,
-                              readahead_kb=readahead_kb)
-        log.info("mounting %s on %s (libfuse %d.%d, pid %d, direct_io=%s, %s)", root, mountpoint,
+                         prefetch_bytes=PREFETCH_BYTES if prefetch_mb is None else prefetch_mb << 20, writer=writer,
+                         shared_write=allow_other and allow_other_write)
+        fs = CoralFS(view, ll, direct_io=direct_io, attr_timeout=attr_timeout, refresh_interval=refresh_interval,
+                     on_ready=on_ready, mountpoint=mountpoint, readahead_kb=readahead_kb)
+        log.info("mounting %s on %s (libfuse %d.%d low-level, pid %d, direct_io=%s, %s%s)", root, mountpoint,
                  mfusepy.fuse_version_major, mfusepy.fuse_version_minor, os.getpid(), direct_io,
-                 "read-only" if read_only else f"writable, commit delay {commit_delay:g} s")
-        options: dict[str, Any] = {"fsname": "coralfs", "subtype": "coralfs", "max_idle_threads": max_idle_threads,
-                                   "noatime": True}
-        if allow_other:
-            options["allow_other"] = True
-        try:
-            fuse_class(mfusepy)(ops, mountpoint, foreground=True, debug=debug, raw_fi=True, **options)
-        except RuntimeError as e:
-            if ops.initialized:  # e.g. SIGTERM: libfuse unmounted, then reports an error code
-                log.info("fuse loop ended with code %s (signal?)", e)
-                return 0
-            raise CoralError(f"mounting {mountpoint} failed (libfuse error {e}); see {log_path(root)}") from None
-        log.info("fuse loop ended for %s", mountpoint)
-        return 0
+                 "read-only" if read_only else f"writable, commit delay {commit_delay:g} s",
+                 (", other users may write" if allow_other_write else ", other users may read") if allow_other
+                 else "")
+        options = ["fsname=coralfs", "subtype=coralfs", "noatime"]
+        if allow_other:  # other users: the kernel checks the modes we show (owner: this user)
+            options += ["allow_other", "default_permissions"]
+        return fs.run(mountpoint, options, debug, max_idle_threads)
     finally:
-        if writer is not None:
-            writer.close()  # (already done by destroy after a clean unmount)
+        if fs is not None:
+            fs.stop()  # (already done by destroy after a clean unmount)
+        elif writer is not None:
+            writer.close()
         if view is not None:
             view.close()
         repo.close()
@@ -652,7 +305,8 @@ def mount(repo_path: str | os.PathLike[str], mountpoint: str | os.PathLike[str],
           direct_io: bool = False, debug: bool = False, allow_other: bool = False,
           attr_timeout: float = ATTR_TIMEOUT, refresh_interval: float = REFRESH_INTERVAL,
           blksize: int | None = None, readahead_kb: int | None = READAHEAD_KB, prefetch_mb: int | None = None,
-          read_only: bool = False, commit_delay: float = COMMIT_DELAY, timeout: float = MOUNT_TIMEOUT) -> int:
+          read_only: bool = False, commit_delay: float = COMMIT_DELAY, allow_other_write: bool = False,
+          timeout: float = MOUNT_TIMEOUT) -> int:
     """Mount a repository. In the foreground this blocks until unmounted; otherwise the
     filesystem runs in a daemon and this returns (the daemon's pid) once the mount is live."""
     root = repo_root(repo_path)
@@ -667,7 +321,8 @@ def mount(repo_path: str | os.PathLike[str], mountpoint: str | os.PathLike[str],
     lp = log_path(root)
     kw = dict(direct_io=direct_io, debug=debug, allow_other=allow_other, attr_timeout=attr_timeout,
               refresh_interval=refresh_interval, blksize=blksize, readahead_kb=readahead_kb,
-              prefetch_mb=prefetch_mb, read_only=read_only, commit_delay=commit_delay)
+              prefetch_mb=prefetch_mb, read_only=read_only, commit_delay=commit_delay,
+              allow_other_write=allow_other_write)
     if foreground:
         handler = _setup_logging(lp, debug)
         try:
@@ -687,6 +342,7 @@ def _daemon_args(kw: dict[str, Any]) -> list[str]:
     if kw.get("prefetch_mb") is not None:
         args.append(f"--prefetch-mb={kw['prefetch_mb']}")
     args += [flag for flag, key in (("--direct-io", "direct_io"), ("--allow-other", "allow_other"),
+                                    ("--allow-other-write", "allow_other_write"),
                                     ("--debug-fuse", "debug"), ("--read-only", "read_only")) if kw.get(key)]
     return args
 
@@ -827,7 +483,11 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direct-io", action="store_true",
                    help="bypass the kernel page cache (one-shot streaming; breaks shared mmap)")
     p.add_argument("--debug", action="store_true", help="log every FUSE request (implies --foreground)")
-    p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users read the mount (the kernel checks the modes shown: files belong to "
+                        "the mount's owner, writable by the owner only)")
+    p.add_argument("--allow-other-write", action="store_true",
+                   help="with --allow-other: let other users write too (commits name who wrote)")
     p.add_argument("--read-only", action="store_true", help="refuse every write (EROFS)")
     p.add_argument("--commit-delay", type=float, default=COMMIT_DELAY, metavar="SECONDS",
                    help="commit a branch's written files after this long without writes (default: "
@@ -840,7 +500,10 @@ def add_mount_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def mount_options(args: argparse.Namespace, debug: bool) -> dict[str, Any]:
+    if args.allow_other_write and not args.allow_other:
+        raise InvalidArgument("--allow-other-write needs --allow-other")
     return dict(direct_io=args.direct_io, debug=debug, allow_other=args.allow_other,
+                allow_other_write=args.allow_other_write,
                 attr_timeout=args.attr_timeout, refresh_interval=args.refresh_interval,
                 blksize=args.blksize, readahead_kb=args.readahead_kb or None, prefetch_mb=args.prefetch_mb,
                 read_only=args.read_only, commit_delay=args.commit_delay)

@@ -45,13 +45,12 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from coralfs import refs
-from coralfs.errors import CoralError, InvalidArgument, PathNotFound, ReadOnly
+from coralfs.errors import CoralError, InvalidArgument, NameTooLong, PathNotFound, ReadOnly
 from coralfs.mountwrite import (
     Busy,
     CrossDevice,
@@ -62,7 +61,7 @@ from coralfs.mountwrite import (
     Writer,
     exec_mode,
 )
-from coralfs.objects import MODE_EXEC, MODE_FILE, Tag, TreeEntry
+from coralfs.objects import MODE_EXEC, MODE_FILE, Tag, TreeEntry, check_path
 from coralfs.objectstore import start_threads
 from coralfs.reader import PREFETCH_POOL_THREADS, FileView, prefetch_pool
 
@@ -78,6 +77,8 @@ ADVISE_BYTES = 64 << 20  # ... and have the disk read this far ahead
 _HEX_NAME = re.compile(r"^[0-9a-f]{4,64}$")
 _COMMIT_INDEX = b"c\x00"  # index db: b"c\0" + commit id -> b"" (see Repository.commits)
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+MAX_NAME_BYTES = 255  # what a local file system accepts (a checkout must be able to write it)
+MAX_PATH_BYTES = 4095
 
 
 class NotADirectory(CoralError):
@@ -184,6 +185,21 @@ class _Node:
         return self.cv.files.get(self.sub) if self.cv is not None and self.sub else None
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """A path resolved for the inode layer: its attributes and what identifies its content.
+
+    ``token`` is ``("d",)`` for a directory, ``("f", manifest id)`` for a stored file
+    (committed or pending) and ``("w", staged id)`` for a file being written through this
+    mount. Two lookups with equal tokens show the same bytes, so they may share a kernel
+    inode (and its page cache); a different token needs a new inode."""
+
+    attr: Attr
+    token: tuple[object, ...]
+    immutable: bool
+    staged: Staged | None = None
+
+
 @dataclass
 class OpenFile:
     """An open file: the FileView pinned at open time, or a staged file (being written)."""
@@ -193,8 +209,8 @@ class OpenFile:
     view: FileView | None
     manifest: bytes
     immutable: bool
-    keep_cache: bool  # the kernel may keep its page cache (content unchanged since the last open)
-    direct_io: bool = False  # bypass the page cache: another version of this path is open and cached
+    keep_cache: bool  # the kernel may keep its page cache (the inode's content is fixed)
+    direct_io: bool = False  # bypass the page cache (a file being written by a write-only handle)
     next_offset: int = 0  # where a sequential reader reads next
     sequential: int = 0  # consecutive sequential reads
     advised_to: int = 0  # the disk has been asked to read the records up to here
@@ -202,6 +218,7 @@ class OpenFile:
     writable: bool = False
     append: bool = False
     cur_path: str | None = None  # where the kernel's inode of this handle is now (None: unlinked)
+    ino: int | None = None  # the inode it was opened on (None: opened by path, without the inode layer)
 
     def __post_init__(self) -> None:
         if self.cur_path is None:
@@ -214,9 +231,12 @@ class MountView:
     def __init__(self, repo: Repository, *, blksize: int = DEFAULT_BLKSIZE, cache_commits: int = 64,
                  cache_views: int = 256, uid: int | None = None, gid: int | None = None,
                  prefetch_bytes: int = PREFETCH_BYTES, prefetch_threads: int = 2,
-                 writer: Writer | None = None) -> None:
+                 writer: Writer | None = None, shared_write: bool = False) -> None:
         self.repo = repo
         self.writer = writer  # None: read-only
+        # branch files and directories writable by everyone (a mount with --allow-other-write);
+        # otherwise only by the mount's owner (uid/gid below; the kernel checks the modes)
+        self.shared_write = shared_write and writer is not None
         self._overlays: dict[str, tuple[tuple[bytes, int], _CommitView]] = {}
         self.blksize = blksize
         self.uid = os.getuid() if uid is None else uid
@@ -236,11 +256,6 @@ class MountView:
             repo.objects.start_io()
         self._handles: dict[int, OpenFile] = {}
         self._fh = itertools.count(1)
-        # branch/tag paths: the version the kernel's page cache may hold, and the open
-        # page-cached handles per version
-        self._cache_version: dict[str, bytes] = {}
-        self._cached_opens: dict[str, dict[bytes, int]] = {}
-        self._refs_seen: dict[bytes, bytes] | None = None
 
     # ---------------------------------------------------------------- caches
     def _commit_view(self, cid: bytes) -> _CommitView:
@@ -386,33 +401,50 @@ class MountView:
         parts = [p for p in path.split("/") if p]
         return bool(parts) and parts[0] in (COMMITS, TAGS)
 
+    def _perm(self, executable: bool, immutable: bool) -> int:
+        """Permission bits: read for everyone; write for the owner where writing is possible
+        (for everyone with ``shared_write``). With ``allow_other`` the kernel enforces them."""
+        perm = 0o555 if executable else 0o444
+        if not immutable:
+            perm |= 0o222 if self.shared_write else 0o200
+        return perm
+
     def _dir_attr(self, mtime: float, immutable: bool, nlink: int = 1) -> Attr:
-        return Attr(stat.S_IFDIR | (0o555 if immutable else 0o755), 0, mtime, nlink, self.blksize,
-                    self.uid, self.gid)
+        return Attr(stat.S_IFDIR | self._perm(True, immutable), 0, mtime, nlink, self.blksize, self.uid, self.gid)
 
     def getattr(self, path: str) -> Attr:
-        node = self._resolve(path)
+        return self.resolve(path).attr
+
+    def resolve(self, path: str) -> Resolved:
+        """Attributes and content identity of ``path`` (see :class:`Resolved`)."""
+        w = self.writer
+        with w.lock if w is not None else contextlib.nullcontext():
+            node = self._resolve(path)
         if node.kind != "tree":
-            return self._dir_attr(node.mtime, node.immutable)
+            return Resolved(self._dir_attr(node.mtime, node.immutable), ("d",), node.immutable)
         assert node.cv is not None
         e = node.entry
         if e is None:
-            return self._dir_attr(node.mtime, node.immutable, 2 + node.cv.subdirs(node.sub))
-        perm = 0o555 if e.mode == MODE_EXEC else 0o444
-        if not node.immutable:
-            perm |= 0o200
-        mtime = e.mtime if isinstance(e, Staged) else node.cv.mtimes.get(node.sub, node.mtime)
-        return Attr(stat.S_IFREG | perm, e.size, mtime, 1, self.blksize, self.uid, self.gid)
+            return Resolved(self._dir_attr(node.mtime, node.immutable, 2 + node.cv.subdirs(node.sub)), ("d",),
+                            node.immutable)
+        if isinstance(e, Staged):
+            return Resolved(self._staged_attr(e), ("w", e.sid), False, e)
+        perm = self._perm(e.mode == MODE_EXEC, node.immutable)
+        mtime = node.cv.mtimes.get(node.sub, node.mtime)
+        return Resolved(Attr(stat.S_IFREG | perm, e.size, mtime, 1, self.blksize, self.uid, self.gid),
+                        ("f", e.manifest), node.immutable)
+
+    def _staged_attr(self, s: Staged) -> Attr:
+        perm = self._perm(s.mode == MODE_EXEC, False)
+        return Attr(stat.S_IFREG | perm, s.size, s.mtime, 1, self.blksize, self.uid, self.gid)
 
     def fgetattr(self, fh: int) -> Attr:
         """``fstat`` of an open file (also one unlinked or renamed over since it was opened)."""
         f = self.opened(fh)
         if f.staged is not None:
-            s = f.staged
-            perm = 0o755 if s.mode == MODE_EXEC else 0o644
-            return Attr(stat.S_IFREG | perm, s.size, s.mtime, 1, self.blksize, self.uid, self.gid)
+            return self._staged_attr(f.staged)
         assert f.view is not None
-        perm = 0o444 if f.immutable else 0o644
+        perm = self._perm(False, f.immutable)
         return Attr(stat.S_IFREG | perm, f.view.size, self.start_time, 1, self.blksize, self.uid, self.gid)
 
     def scandir(self, path: str) -> list[tuple[str, bool]]:
@@ -434,9 +466,14 @@ class MountView:
     def readdir(self, path: str) -> list[str]:
         return [n for n, _ in self.scandir(path)]
 
-    def open(self, path: str, flags: int = os.O_RDONLY) -> int:
+    def open(self, path: str, flags: int = os.O_RDONLY, *, ino: int | None = None,
+             manifest: bytes | None = None) -> int:
         """Open a file; returns a handle. Write access: only in branch directories of a
-        writable view (elsewhere EROFS)."""
+        writable view (elsewhere EROFS).
+
+        The inode layer passes the inode (``ino``: writers then share it with the readers of
+        that inode only) and, for a reader, the version that inode stands for (``manifest``):
+        the handle reads exactly that version, whatever the branch shows now."""
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if self.writer is None or self.is_immutable(path):
             writing = writing or bool(flags & (os.O_CREAT | os.O_APPEND))
@@ -445,41 +482,25 @@ class MountView:
                 self._resolve(path)  # a missing path is ENOENT first
                 raise ReadOnly(f"{path}: read-only file system" if self.writer is None
                                else f"{path}: commits and tags are immutable")
-            return self._open_write(path, flags)
-        w = self.writer
-        with w.lock if w is not None else contextlib.nullcontext():
-            node = self._resolve(path)
-            e = node.entry
-            if e is None:
-                raise IsADirectory(f"{path}: is a directory")
-            if isinstance(e, Staged):  # being written: read what was written so far
-                assert w is not None
-                w.attach(e)
-                return self._add_handle(path, e, writable=False)
-        view = self._file_view(e.manifest)
+            return self._open_write(path, flags, ino)
+        immutable = self.is_immutable(path)
+        if manifest is None:
+            w = self.writer
+            with w.lock if w is not None else contextlib.nullcontext():
+                node = self._resolve(path)
+                e = node.entry
+                if e is None:
+                    raise IsADirectory(f"{path}: is a directory")
+                if isinstance(e, Staged):  # being written: read what was written so far
+                    assert w is not None
+                    w.attach(e)
+                    return self._add_handle(path, e, writable=False, ino=ino)
+            manifest, immutable = e.manifest, node.immutable
+        view = self._file_view(manifest)
         with self._lock:
-            direct = False
-            if path.startswith(f"/{COMMITS}/"):  # one content per path, forever
-                keep = True
-            else:
-                # The kernel keeps one page cache per path. A path that moved keeps its old
-                # content in the cache while a reader of the old version has it open; a new
-                # version opened meanwhile bypasses the cache (direct I/O), so neither reader
-                # ever sees the other's bytes.
-                cached = self._cached_opens.get(path, {})
-                seen = self._refs_seen
-                if any(m != e.manifest for m in cached) or (
-                        seen is not None and node.ref is not None and seen.get(node.ref[0]) != node.ref[1]):
-                    # (or: the ref moved and the kernel has not been told yet, so its cached
-                    # size may be the old one; direct reads are not cut at a stale size)
-                    keep, direct = False, True
-                else:
-                    keep = self._cache_version.get(path) == e.manifest
-                    self._cache_version[path] = e.manifest
-                    cached[e.manifest] = cached.get(e.manifest, 0) + 1
-                    self._cached_opens[path] = cached
             fh = next(self._fh)
-            self._handles[fh] = OpenFile(fh, path, view, e.manifest, node.immutable, keep, direct)
+            # an inode's content never changes (a new version is a new inode): keep its cache
+            self._handles[fh] = OpenFile(fh, path, view, manifest, immutable, True, False, ino=ino)
         return fh
 
     def opened(self, fh: int) -> OpenFile:
@@ -509,6 +530,18 @@ class MountView:
         self._read_ahead(f, offset, len(dst))
         return f.view.pread_into(offset, dst)
 
+    def read_parts(self, fh: int, offset: int, size: int) -> list[tuple[bytes, int, int]]:
+        """``read`` as slices ``(bytes, lo, hi)`` of decoded chunks (or of the staged file's bytes):
+        the FUSE reply gathers them straight from the chunk cache, with no copy in Python."""
+        f = self.opened(fh)
+        if f.staged is not None:
+            assert self.writer is not None
+            data = self.writer.read(f.staged, offset, size)
+            return [(data, 0, len(data))] if data else []
+        assert f.view is not None
+        self._read_ahead(f, offset, size)
+        return f.view.parts(offset, size)
+
     def _read_ahead(self, f: OpenFile, offset: int, size: int) -> None:
         if self._prefetcher is not None:
             # a sequential reader (cat, cp, torch.load): decode the next chunks while this
@@ -532,16 +565,6 @@ class MountView:
         if f.staged is not None:
             assert self.writer is not None
             self.writer.release(f.staged, f.writable)
-        with self._lock:
-            if f.view is None or f.direct_io or f.path.startswith(f"/{COMMITS}/"):
-                return
-            cached = self._cached_opens.get(f.path)
-            if cached is not None and f.manifest in cached:
-                cached[f.manifest] -= 1
-                if not cached[f.manifest]:
-                    del cached[f.manifest]
-                if not cached:
-                    del self._cached_opens[f.path]
 
     def close(self) -> None:
         """Stop background decoding (the repository stays open: it belongs to the caller)."""
@@ -603,35 +626,49 @@ class MountView:
                 raise NotADirectory(f"{path}: a parent is a file")
             raise PathNotFound(f"{path}: no such directory")
 
-    def _add_handle(self, path: str, s: Staged, writable: bool, append: bool = False, direct: bool = True) -> int:
+    def _add_handle(self, path: str, s: Staged, writable: bool, append: bool = False, direct: bool = True,
+                    ino: int | None = None) -> int:
         with self._lock:
             fh = next(self._fh)
             self._handles[fh] = OpenFile(fh, path, None, b"", False, False, direct, staged=s,
-                                         writable=writable, append=append)
+                                         writable=writable, append=append, ino=ino)
             return fh
 
+    def _same_inode(self, h: OpenFile, path: str, ino: int | None) -> bool:
+        """Does handle ``h`` share the kernel inode a writer opens (by inode, else by path)?"""
+        return h.ino == ino if ino is not None else h.ino is None and h.cur_path == path
+
+    def open_staged(self, path: str, s: Staged, ino: int | None = None) -> int | None:
+        """A reader of a file being written (the inode layer knows the staged file it stands for,
+        also when it has been renamed or unlinked since); None if nothing has it open any more
+        (it was stored, or dropped: the inode layer then opens what the path shows)."""
+        assert self.writer is not None
+        if not self.writer.attach_live(s):
+            return None
+        return self._add_handle(path, s, writable=False, ino=ino)
+
     def _bind_write(self, path: str, branch: str, head: bytes, sub: str, cur: TreeEntry | Staged | None,
-                    flags: int, mode: int = MODE_FILE) -> tuple[int, Staged, bool]:
+                    flags: int, mode: int = MODE_FILE, ino: int | None = None) -> tuple[int, Staged, bool]:
         """A write handle on ``sub`` (caller holds the writer's lock); returns (fh, staged, truncate)."""
         assert self.writer is not None
         truncate = cur is None or bool(flags & os.O_TRUNC)
         src = self._file_view(cur.manifest) if isinstance(cur, TreeEntry) and not truncate else None
         s = self.writer.open_file(branch, sub, head, cur, src, writable=True, truncate=truncate, mode=mode)
         with self._lock:
-            self._cache_version.pop(path, None)
-            shared = any(h.cur_path == path for h in self._handles.values())
+            shared = any(self._same_inode(h, path, ino) for h in self._handles.values())
             if not isinstance(cur, Staged):
-                # readers that have this path open share the kernel's inode with the writer:
-                # from now on they read the staged file too (never a mix of old and new bytes)
+                # readers that have this inode open share its page cache with the writer: from
+                # now on they read the staged file too (never a mix of old and new bytes).
+                # Readers of other versions of the path have inodes of their own.
                 for h in self._handles.values():
-                    if h.cur_path == path and h.staged is None:
+                    if self._same_inode(h, path, ino) and h.staged is None:
                         h.staged = s
                         self.writer.attach(s)
         # A write-only handle cannot be memory-mapped: when nothing else has the file open it
         # bypasses the page cache (one copy less: ~25% faster torch.save / cp); a handle that
         # can read (O_RDWR: mmap, read back) or shares the file with others uses the page cache.
         direct = (flags & os.O_ACCMODE) == os.O_WRONLY and not shared
-        return self._add_handle(path, s, True, bool(flags & os.O_APPEND), direct), s, truncate
+        return self._add_handle(path, s, True, bool(flags & os.O_APPEND), direct, ino), s, truncate
 
     def _truncate_new(self, fh: int, s: Staged, truncate: bool) -> int:
         if truncate:
@@ -643,7 +680,7 @@ class MountView:
                 raise
         return fh
 
-    def _open_write(self, path: str, flags: int) -> int:
+    def _open_write(self, path: str, flags: int, ino: int | None = None) -> int:
         w = self._writer(path)
         with w.lock:
             branch, head, cv, sub = self._in_branch(path)
@@ -652,21 +689,23 @@ class MountView:
                 if sub in cv.dirs:
                     raise IsADirectory(f"{path}: is a directory")
                 raise PathNotFound(f"{path}: no such file or directory")
-            fh, s, truncate = self._bind_write(path, branch, head, sub, cur, flags)
+            fh, s, truncate = self._bind_write(path, branch, head, sub, cur, flags, ino=ino)
         return self._truncate_new(fh, s, truncate)
 
-    def create(self, path: str, flags: int = os.O_WRONLY | os.O_CREAT, mode: int = 0o644) -> int:
+    def create(self, path: str, flags: int = os.O_WRONLY | os.O_CREAT, mode: int = 0o644,
+               ino: int | None = None) -> int:
         """Create (or, without O_EXCL, open) a file in a branch directory; returns a write handle."""
         w = self._writer(path)
         with w.lock:
             branch, head, cv, sub = self._in_branch(path)
+            check_new_path(sub, path)
             self._parent_ok(cv, sub, path)
             if sub in cv.dirs:
                 raise IsADirectory(f"{path}: is a directory")
             cur = cv.files.get(sub)
             if cur is not None and flags & os.O_EXCL:
                 raise FileExists(f"{path}: file exists")
-            fh, s, truncate = self._bind_write(path, branch, head, sub, cur, flags, exec_mode(mode))
+            fh, s, truncate = self._bind_write(path, branch, head, sub, cur, flags, exec_mode(mode), ino)
         return self._truncate_new(fh, s, truncate)
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
@@ -685,7 +724,7 @@ class MountView:
 
     fsync = flush
 
-    def truncate(self, path: str | None, length: int, fh: int | None = None) -> None:
+    def truncate(self, path: str | None, length: int, fh: int | None = None, ino: int | None = None) -> None:
         f = self._handles.get(fh) if fh is not None else None
         if f is not None and f.writable and f.staged is not None:
             assert self.writer is not None
@@ -699,7 +738,7 @@ class MountView:
             cur = cv.files.get(sub)
             if cur is None:
                 raise IsADirectory(f"{path}: is a directory") if sub in cv.dirs else PathNotFound(path)
-            fh2, s, _ = self._bind_write(path, branch, head, sub, cur, 0)
+            fh2, s, _ = self._bind_write(path, branch, head, sub, cur, 0, ino=ino)
         try:
             w.truncate(s, length)
             if s.writers == 1:  # nobody else has it open for writing: store it now
@@ -722,9 +761,6 @@ class MountView:
             for h in self._handles.values():
                 if h.cur_path == old:
                     h.cur_path = new
-            self._cache_version.pop(old, None)
-            if new is not None:
-                self._cache_version.pop(new, None)
 
     def unlink(self, path: str) -> None:
         w = self._writer(path)
@@ -755,6 +791,7 @@ class MountView:
             if flags & RENAME_EXCHANGE:
                 raise InvalidArgument("RENAME_EXCHANGE is not supported")
             osub, nsub = "/".join(rest1), "/".join(rest2)
+            check_new_path(nsub, new)
             cv = self._branch_view(b1, head)
             src_file = cv.files.get(osub)
             if src_file is None and osub not in cv.dirs:
@@ -819,6 +856,7 @@ class MountView:
             cv = self._branch_view(branch, head)
             if not sub or sub in cv.files or sub in cv.dirs:
                 raise FileExists(f"{path}: file exists")
+            check_new_path(sub, path)
             self._parent_ok(cv, sub, path)
             w.change(branch, head, {}, add_dirs=(sub,))
 
@@ -905,57 +943,17 @@ class MountView:
             self.writer.sync(branch)
 
     # ---------------------------------------------------------------- change tracking
-    def _read_refs(self) -> dict[bytes, bytes]:
+    def read_refs(self) -> dict[bytes, bytes]:
+        """Every branch and tag ref (key -> value), from one short read transaction: the inode
+        layer compares snapshots to find what moved."""
         with self.repo.store.read() as t:
             out = dict(t.items("refs", refs.BRANCH.encode()))
             out.update(t.items("refs", refs.TAG.encode()))
         return out
 
-    def poll_changes(self, apply: Callable[[list[str]], object] | None = None) -> list[str]:
-        """Mount paths whose attributes or content may have changed since the previous call
-        (the first call only takes a snapshot and returns []). Directories come after their
-        contents; ref namespaces and the root are included when refs appear or vanish.
-
-        ``apply(paths)`` (the kernel invalidation) runs before the new snapshot is taken:
-        until then, opens of a moved path bypass the kernel's page cache and cached size."""
-        now = self._read_refs()
-        before = self._refs_seen
-        extra = self.writer.take_invalidations() if self.writer is not None else []
-        if before is None or before == now:
-            self._refs_seen = now
-            if extra and before is not None and apply is not None:
-                apply(extra)
-            return extra if before is not None else []
-        out: list[str] = list(extra)
-        structural = set(before) ^ set(now)
-        for key in sorted(set(before) | set(now)):
-            if before.get(key) == now.get(key):
-                continue
-            k = key.decode(errors="surrogateescape")
-            is_branch = k.startswith(refs.BRANCH)
-            name = k[len(refs.BRANCH):] if is_branch else k[len(refs.TAG):]
-            base = f"/{name}" if is_branch else f"/{TAGS}/{name}"
-            for v in (before.get(key), now.get(key)):
-                if v is None:
-                    continue
-                try:
-                    cid = v if is_branch else self._tag_commit(v)
-                    cv = self._commit_view(cid)
-                except CoralError:
-                    continue
-                out.extend(f"{base}/{p}" for p in cv.files)
-                out.extend(f"{base}/{d}" for d in sorted(cv.dirs, key=len, reverse=True) if d)
-            out.append(base)
-            if key in structural:  # the namespace directories above the ref, up to the root
-                parts = base.strip("/").split("/")
-                out.extend("/" + "/".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
-                out.append("/")
-        seen: set[str] = set()
-        paths = [p for p in out if not (p in seen or seen.add(p))]
-        if apply is not None:
-            apply(paths)
-        self._refs_seen = now
-        return paths
+    def take_invalidations(self) -> list[str]:
+        """Mount paths whose content changed behind the kernel's back (e.g. a refused burst)."""
+        return self.writer.take_invalidations() if self.writer is not None else []
 
     def _tag_commit(self, tag_id: bytes) -> bytes:
         tag = self.repo.objects.get_object(tag_id)
@@ -969,6 +967,16 @@ class NotSupported(CoralError):
 
     exit_code = 2
     errno = errno.EOPNOTSUPP
+
+
+def check_new_path(sub: str, path: str) -> None:
+    """A name a file or directory is created under (or renamed to) must be storable and must
+    check out: refused here, before any data is written (never at ``close()``)."""
+    raw = os.fsencode(sub)
+    if len(raw) > MAX_PATH_BYTES or any(len(p) > MAX_NAME_BYTES for p in raw.split(b"/")):
+        raise NameTooLong(f"{path}: file name too long (at most {MAX_NAME_BYTES} bytes a name, "
+                          f"{MAX_PATH_BYTES} a path)")
+    check_path(sub)
 
 
 def _parent(path: str) -> str:

@@ -691,6 +691,15 @@ class Writer:
         with self.lock:
             s.handles += 1
 
+    def attach_live(self, s: Staged) -> bool:
+        """``attach`` unless ``s`` has been dropped (its last handle released): then False, and the
+        caller reads what it was stored as instead."""
+        with self.lock:
+            if s.handles <= 0:
+                return False
+            s.handles += 1
+            return True
+
     def _materialize(self, s: Staged, keep: int | None = None) -> None:
         """Create the staged file, copying (up to ``keep`` bytes of) the version it was opened at."""
         if s.fd is not None:

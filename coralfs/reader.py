@@ -68,6 +68,11 @@ class FileView:
             pos = start + hi
             i += 1
 
+    def parts(self, offset: int, size: int) -> list[tuple[bytes, int, int]]:
+        """``[offset, offset + size)`` as ``(decoded piece, lo, hi)`` slices, in order: a caller that
+        can gather (the FUSE reply's iovec) sends them without building one buffer."""
+        return list(self._parts(offset, size))
+
     def pread(self, offset: int, size: int) -> bytes:
         parts = [data if lo == 0 and hi == len(data) else memoryview(data)[lo:hi]
                  for data, lo, hi in self._parts(offset, size)]

@@ -13,8 +13,8 @@ LAYERS: list[set[str]] = [
     {"store", "locks", "keys"},
     {"objects", "refs", "formats", "objectstore", "ingest", "reader", "repack"},
     {"repository"},
-    {"diff", "merge", "export", "gc", "fsck", "prune", "torch", "mountview", "mountwrite"},
-    {"cli", "fuse", "__main__"},
+    {"diff", "merge", "export", "gc", "fsck", "prune", "torch", "mountview", "mountwrite", "mountnodes"},
+    {"cli", "fuse", "fuse_ll", "fuse_ops", "__main__"},
 ]
 
 

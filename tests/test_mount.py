@@ -22,6 +22,7 @@ from safetensors.torch import save as st_save
 
 from coralfs import records
 from coralfs.errors import PathNotFound, ReadOnly
+from coralfs.mountnodes import NodeTable, StaleNode
 from coralfs.mountview import IsADirectory, MountView, NotADirectory
 from coralfs.repository import Repository
 from coralfs.store import Store
@@ -182,57 +183,67 @@ def test_view_read_and_pin(world: World) -> None:
         assert v.read(fh, 1000, 5000) == data[1000:6000]
         assert v.read(fh, len(data), 10) == b""
         v.release(fh)
-    v = MountView(world.repo)
-    fh1 = v.open("/main/config.json")
-    assert not v.opened(fh1).keep_cache  # first open of a branch path
-    fh2 = v.open("/main/config.json")
-    assert v.opened(fh2).keep_cache  # unchanged since the last open
-    assert v.opened(v.open(f"/@commits/{world.main[0].hex()}/config.json")).keep_cache
     for mode in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC):
         with pytest.raises(ReadOnly) as ei:
             v.open("/main/config.json", mode)
         assert ei.value.errno == errno.EROFS
     with pytest.raises(ReadOnly):
         v.refuse_write("/@commits")
-    v.poll_changes()
-    # a commit on a branch: an open handle keeps its version; the branch dir follows
+
+
+def test_nodes_one_inode_per_version(world: World) -> None:
+    """The kernel keeps one page cache and one size per inode: every version of a file gets its
+    own inode, an unchanged file keeps its inode across commits, and a superseded inode keeps
+    serving its own version (content and attributes) to whoever has it open."""
+    now = [100.0]
+    v = MountView(world.repo)
+    t = NodeTable(v, clock=lambda: now[0])
+    t.revalidate()  # the first snapshot
     r = world.repo
     r.create_branch("pin", "main")
-    assert "pin" in v.readdir("/")
-    fh = v.open("/pin/config.json")
-    assert v.opened(fh).direct_io  # the ref is new to the kernel (not invalidated yet): no page cache
-    v.release(fh)
-    applied: list[str] = []
-    v.poll_changes(applied.extend)
-    assert "/pin" in applied and "/" in applied  # a new ref: the root listing changed
-    fh = v.open("/pin/config.json")
-    assert not v.opened(fh).direct_io
+    entries, dirs = t.revalidate()
+    assert 1 in dirs  # a new ref: the root's attributes (its listing) changed
+    pin = t.lookup(1, "pin")
+    a = t.lookup(pin.ino, "config.json")
+    train = t.lookup(pin.ino, "train.pt")
+    assert t.lookup(pin.ino, "config.json") is a and a.nlookup == 2
+    fh = v.open(a.path, ino=a.ino, manifest=a.token[1])
     old = v.read(fh, 0, 1 << 20)
     e, _ = r.ingest_file(_tmpfile(r.root, b'{"changed": true}'), "config.json")
     r.commit_changes("pin", {"config.json": e, "new.txt": e}, "change")
-    assert v.read(fh, 0, 1 << 20) == old
-    fh_new = v.open("/pin/config.json")
-    f_new = v.opened(fh_new)
-    assert v.read(fh_new, 0, 100) == b'{"changed": true}'
-    assert f_new.direct_io and not f_new.keep_cache  # the old version is open and page-cached
-    assert "new.txt" in v.readdir("/pin")
-    changed = v.poll_changes()
-    assert "/pin/config.json" in changed and "/pin/new.txt" in changed and "/pin" in changed
-    assert v.poll_changes() == []
-    for h in (fh, fh_new):
-        v.release(h)
-    fh3 = v.open("/pin/config.json")  # the old version is closed: cached again, the old pages dropped
-    assert not v.opened(fh3).direct_io and not v.opened(fh3).keep_cache
-    fh4 = v.open("/pin/config.json")
-    assert v.opened(fh4).keep_cache
+    # before the poll tells the kernel, an open of the superseded inode is refused (ESTALE: the
+    # kernel walks the path again), unless the kernel has just looked it up
+    now[0] += 1.0
+    with pytest.raises(StaleNode) as ei:
+        t.check_current(a)
+    assert ei.value.errno == errno.ESTALE
+    t.check_current(train)  # unchanged: still current
+    entries, dirs = t.revalidate()
+    assert (pin.ino, "config.json") in entries and pin.ino in dirs
+    assert (pin.ino, "train.pt") not in entries
+    b = t.lookup(pin.ino, "config.json")
+    assert b.ino != a.ino and b.token != a.token
+    assert t.lookup(pin.ino, "train.pt") is train  # the unchanged file keeps its inode (and page cache)
+    assert v.read(fh, 0, 1 << 20) == old  # the old inode still reads its version ...
+    assert t.attr(a.ino).size == len(old) != t.attr(b.ino).size == len(b'{"changed": true}')  # ... at its size
+    fh_b = v.open(b.path, ino=b.ino, manifest=b.token[1])
+    assert v.read(fh_b, 0, 100) == b'{"changed": true}'
+    assert t.revalidate() == ([], [])
+    # the old inode lives until the kernel forgets it and nobody has it open
+    t.opened(a, fh, None)
+    t.forget(a.ino, 2)
+    assert a.ino in t.by_ino
+    v.release(fh)
+    t.released(a.ino, fh)
+    assert a.ino not in t.by_ino
     r.delete_branch("pin")
-    assert "/pin" in v.poll_changes()
+    entries, dirs = t.revalidate()
+    assert (1, "pin") in entries and 1 in dirs
     with pytest.raises(PathNotFound):
         v.getattr("/pin")
-    assert v.read(fh4, 0, 100) == b'{"changed": true}'  # still open: still readable
-    for h in (fh1, fh2, fh3, fh4):
-        v.release(h)
-    assert v.open_files == 1
+    assert v.read(fh_b, 0, 100) == b'{"changed": true}'  # still open: still readable
+    v.release(fh_b)
+    assert v.open_files == 0
 
 
 def test_view_chunk_loading(world: World, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,6 +22,7 @@ from coralfs import fuse_ll, kernels
 from coralfs.errors import CoralError
 from coralfs.mountnodes import ROOT_INO, Node, NodeTable, StaleNode, join
 from coralfs.mountview import Attr, IsADirectory, MountView, NotADirectory
+from coralfs.mountwrite import REQUEST
 
 log = logging.getLogger("coralfs.fuse")
 
@@ -53,6 +54,7 @@ class CoralFS:
         self.on_ready = on_ready
         self.se: int | None = None
         self._stop = threading.Event()
+        self._stopped = False
         self._wake = threading.Event()
         self._watcher: threading.Thread | None = None
         self._dirs: dict[int, list[tuple[str, bool, int]]] = {}
@@ -84,6 +86,8 @@ class CoralFS:
 
         def cb(req: int, *args: Any) -> None:
             try:
+                if name in _WRITES:
+                    REQUEST.uid = lib.fuse_req_ctx(req).contents.uid
                 fn(req, *args)
             except CoralError as e:
                 if e.errno == errno.EIO:
@@ -184,6 +188,9 @@ class CoralFS:
         self.stop()
 
     def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
         self._wake.set()
         if self._watcher is not None and self._watcher is not threading.current_thread():
@@ -562,6 +569,9 @@ class CoralFS:
         return 0
 
 
+#: requests that change something: the caller's uid is recorded (see mountwrite.REQUEST)
+_WRITES = frozenset({"create", "open", "write_buf", "flush", "fsync", "setattr", "mkdir", "unlink", "rmdir",
+                     "rename", "fallocate", "mknod", "release", "fsyncdir"})
 _SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 MAX_THREADS = 16
 

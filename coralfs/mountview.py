@@ -77,6 +77,7 @@ ADVISE_BYTES = 64 << 20  # ... and have the disk read this far ahead
 _HEX_NAME = re.compile(r"^[0-9a-f]{4,64}$")
 _COMMIT_INDEX = b"c\x00"  # index db: b"c\0" + commit id -> b"" (see Repository.commits)
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+UNBORN = b""  # the "head" of the default branch of an empty repository
 MAX_NAME_BYTES = 255  # what a local file system accepts (a checkout must be able to write it)
 MAX_PATH_BYTES = 4095
 
@@ -259,6 +260,8 @@ class MountView:
 
     # ---------------------------------------------------------------- caches
     def _commit_view(self, cid: bytes) -> _CommitView:
+        if cid == UNBORN:  # the default branch of an empty repository
+            return _CommitView(UNBORN, self.start_time, {})
         with self._lock:
             cv = self._commits.get(cid)
             if cv is not None:
@@ -325,10 +328,14 @@ class MountView:
                 if target is not None:
                     break
             else:
-                children = self._ns_children(t, prefix, parts)
-                if not children:
-                    raise PathNotFound(f"{path}: no such file or directory")
-                return _Node("ns", immutable, self.start_time, names=tuple(children))
+                i, name = self._unborn_default(t, parts) if prefix == refs.BRANCH else (0, "")
+                if i:
+                    target = UNBORN
+                else:
+                    children = self._ns_children(t, prefix, parts)
+                    if not children:
+                        raise PathNotFound(f"{path}: no such file or directory")
+                    return _Node("ns", immutable, self.start_time, names=tuple(children))
         ref = ((prefix + name).encode(), target)
         if prefix == refs.TAG:
             tag = self.repo.objects.get_object(target)
@@ -338,16 +345,31 @@ class MountView:
             return self._in_commit(self._commit_view(target), parts[i:], path, immutable, ref)
         return self._in_commit(self._branch_view(name, target), parts[i:], path, immutable, ref)
 
-    @staticmethod
-    def _ns_children(t: Txn, prefix: str, parts: list[str]) -> list[str]:
-        """The next name components of the refs under ``prefix`` + ``parts`` (sorted, unique)."""
+    def _unborn_default(self, t: Txn, parts: list[str]) -> tuple[int, str]:
+        """``(n, name)`` if the first ``n`` of ``parts`` name the default branch and it has no commit
+        yet (an empty repository): its directory is shown, empty, so that files can be written
+        into it (the first commit makes the branch). ``(0, "")`` otherwise."""
+        name = self.repo.default_branch
+        dparts = name.split("/")
+        if parts[: len(dparts)] != dparts or t.get("refs", refs.branch_key(name)) is not None:
+            return 0, ""
+        return len(dparts), name
+
+    def _ns_children(self, t: Txn, prefix: str, parts: list[str]) -> list[str]:
+        """The next name components of the refs under ``prefix`` + ``parts`` (sorted, unique); the
+        unborn default branch counts as a ref."""
         ns = (prefix + "".join(p + "/" for p in parts)).encode()
         children: list[str] = []
+        if prefix == refs.BRANCH:
+            dparts = self.repo.default_branch.split("/")
+            if len(dparts) > len(parts) and dparts[: len(parts)] == parts \
+                    and t.get("refs", refs.branch_key(self.repo.default_branch)) is None:
+                children.append(dparts[len(parts)])
         for k in t.keys("refs", ns):
             child = k[len(ns):].decode(errors="surrogateescape").split("/", 1)[0]
             if not children or children[-1] != child:
                 children.append(child)
-        return children
+        return sorted(set(children))
 
     @staticmethod
     def _in_commit(cv: _CommitView, rest: list[str], path: str, immutable: bool,
@@ -607,6 +629,9 @@ class MountView:
                 target = t.get("refs", refs.branch_key("/".join(parts[:i])))
                 if target is not None:
                     return "/".join(parts[:i]), parts[i:], target
+            n, name = self._unborn_default(t, parts)
+            if n:
+                return name, parts[n:], UNBORN
         return None, parts, None
 
     def _in_branch(self, path: str) -> tuple[str, bytes, _CommitView, str]:
@@ -875,6 +900,8 @@ class MountView:
             cv = self._branch_view(branch, head)
             sub = "/".join(rest)
             if not sub:
+                if head == UNBORN:
+                    raise Busy(f"{path}: the default branch (it has no commit yet)")
                 if cv.files or len(cv.dirs) > 1 or cv.dirs[""]:
                     raise DirectoryNotEmpty(f"{path}: the branch still has files (rm them first)")
                 w.delete_branch(branch, head)

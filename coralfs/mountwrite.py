@@ -61,7 +61,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from coralfs import refs
+from coralfs import keys, refs
 from coralfs.errors import (
     ConcurrentUpdate,
     CoralError,
@@ -93,6 +93,14 @@ KILL_ENV = "CORALFS_MOUNT_KILL_AT"
 #: TEXT fail with ENOSPC.
 FAIL_ENV = "CORALFS_MOUNT_FAIL_INGEST"
 _fail_counts: dict[str, int] = {}
+#: The user a request through the mount comes from (set by the FUSE adapter per request):
+#: recorded with what they wrote when it is not the mount's owner.
+REQUEST = threading.local()
+
+
+def request_uid() -> int | None:
+    uid = getattr(REQUEST, "uid", None)
+    return None if uid is None or uid == os.getuid() else int(uid)
 
 
 # ------------------------------------------------------------------ errors (with their errno)
@@ -144,12 +152,28 @@ def branch_prefix(branch: str, prefix: bytes = PEND_PREFIX) -> bytes:
 
 
 def pend_key(branch: str, path: str) -> bytes:
-    return branch_prefix(branch) + path.encode()
+    """``pend\0BRANCH\0PATH`` (a long path is hashed: the value then carries it, see keys.py)."""
+    return keys.path_key(branch_prefix(branch), path)
 
 
-def split_pend_key(key: bytes) -> tuple[str, str]:
-    branch, _, path = key[len(PEND_PREFIX):].partition(b"\x00")
-    return branch.decode(), path.decode()
+def pend_branch(key: bytes) -> str:
+    return key[len(PEND_PREFIX):].partition(b"\x00")[0].decode()
+
+
+def split_pend_key(key: bytes, value: bytes | None = None) -> tuple[str, str]:
+    branch, _, _rest = key[len(PEND_PREFIX):].partition(b"\x00")
+    b = branch.decode()
+    return b, keys.path_of(branch_prefix(b), key, json.loads(value) if value is not None else None)
+
+
+def put_pend(t: Txn, branch: str, path: str, item: PendItem) -> None:
+    key = pend_key(branch, path)
+    t.put("index", key, item.encode(path if keys.is_hashed(branch_prefix(branch), key) else None))
+
+
+def pend_path(prefix: bytes, key: bytes, value: bytes) -> str:
+    """The path of a pending (or conflict) entry under ``prefix``."""
+    return keys.path_of(prefix, key, json.loads(value) if keys.is_hashed(prefix, key) else None)
 
 
 @dataclass(frozen=True)
@@ -159,13 +183,18 @@ class PendItem:
     entry: TreeEntry | None
     base: bytes | None  # the branch head the change was based on
     time: float
+    uid: int | None = None  # who wrote it (through a mount shared with other users)
 
-    def encode(self) -> bytes:
+    def encode(self, path: str | None = None) -> bytes:
         d: dict[str, Any] = {"base": self.base.hex() if self.base else None, "time": self.time}
         if self.entry is None:
             d["del"] = True
         else:
             d.update(m=self.entry.manifest.hex(), size=self.entry.size, mode=self.entry.mode)
+        if self.uid is not None:
+            d["uid"] = self.uid
+        if path is not None:
+            d[keys.VALUE_PATH] = path
         return json.dumps(d, sort_keys=True).encode()
 
     @classmethod
@@ -173,7 +202,8 @@ class PendItem:
         d = json.loads(raw)
         entry = None if d.get("del") else TreeEntry(bytes.fromhex(d["m"]), int(d["size"]), int(d["mode"]))
         base = bytes.fromhex(d["base"]) if d.get("base") else None
-        return cls(entry, base, float(d.get("time", 0.0)))
+        uid = d.get("uid")
+        return cls(entry, base, float(d.get("time", 0.0)), int(uid) if uid is not None else None)
 
 
 # ------------------------------------------------------------------ commit of pending entries
@@ -188,6 +218,7 @@ class Outcome:
     conflicts: list[str] = field(default_factory=list)  # paths that changed underneath (refused)
     conflict_id: str | None = None
     reason: str = ""
+    refused: list[str] = field(default_factory=list)  # pending paths moved aside as conflict_id
 
 
 def describe(changes: Mapping[str, TreeEntry | None], old: Mapping[str, TreeEntry]) -> str:
@@ -210,23 +241,57 @@ def _tree(repo: Repository, cid: bytes | None, cache: dict[bytes | None, dict[st
     return cache[cid]
 
 
-def commit_pending(repo: Repository, branch: str, author: str | None = None) -> Outcome:
+def _author(repo: Repository, uids: set[int | None], author: str | None) -> tuple[str | None, dict[str, str]]:
+    """Who a commit of mount changes is by: the mount's owner, unless other users wrote (a mount
+    with ``--allow-other-write``): then their user names."""
+    others = sorted(u for u in uids if u is not None and u != os.getuid())
+    if not others:
+        return author, {}
+    names = [_user_name(u) for u in sorted(u for u in uids if u is not None)]
+    meta = {"writers": ",".join(names)}
+    if author is not None:
+        return author, meta
+    return (names[0] if len(names) == 1 else ", ".join(names)) + "@mount", meta
+
+
+def _user_name(uid: int) -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, ImportError):
+        return f"uid{uid}"
+
+
+def commit_pending(repo: Repository, branch: str, author: str | None = None,
+                   hold: frozenset[str] | set[str] = frozenset()) -> Outcome:
     """Commit ``branch``'s pending mount entries as one commit (compare-and-swap on the head).
 
-    A pending path that changed on the branch between the entry's base and the current
-    head is a conflict: the whole burst is refused and moved under ``pend-conflict``
-    (logged). Entries that change nothing are consumed without a commit."""
+    A pending path that changed on the branch between the entry's base and the current head
+    is a conflict: those paths are moved aside under ``pend-conflict`` (logged; the rest is
+    committed). Paths in ``hold`` (files open for writing) stay pending: an open file is never
+    committed. Entries that change nothing are consumed without a commit."""
     prefix = branch_prefix(branch)
+    refused: Outcome | None = None
     for _attempt in range(20):
         with repo.store.read() as t:
-            raw = dict(t.items("index", prefix))
+            raw_all = {k: v for k, v in t.items("index", prefix)}
             head = t.get("refs", refs.branch_key(branch))
-        if not raw:
-            return Outcome(parent=head)
-        items = {k[len(prefix):].decode(): PendItem.decode(v) for k, v in raw.items()}
+        raw = {}
+        items: dict[str, PendItem] = {}
+        for k, v in raw_all.items():
+            p = pend_path(prefix, k, v)
+            if p in hold:
+                continue
+            raw[k] = v
+            items[p] = PendItem.decode(v)
+        if not items:
+            return _merge(Outcome(parent=head), refused)
         paths = sorted(items)
-        if head is None:
-            return _refuse(repo, branch, raw, head, paths, "the branch was deleted")
+        # written into the default branch's directory of an empty repository: the first commit
+        unborn = head is None and branch == repo.default_branch and all(it.base is None for it in items.values())
+        if head is None and not unborn:
+            return _merge(_refuse(repo, branch, raw, head, paths, "the branch was deleted"), refused)
         trees: dict[bytes | None, dict[str, TreeEntry]] = {}
         cur = _tree(repo, head, trees)
         conflicts = []
@@ -241,8 +306,11 @@ def commit_pending(repo: Repository, branch: str, author: str | None = None) -> 
             if before.get(p) != cur.get(p):
                 conflicts.append(p)
         if conflicts:
-            return _refuse(repo, branch, raw, head, sorted(conflicts),
-                           f"changed on {branch} since the mount's version was based on it")
+            bad = set(conflicts)
+            out = _refuse(repo, branch, {k: v for k, v in raw.items() if pend_path(prefix, k, v) in bad}, head,
+                          sorted(conflicts), f"changed on {branch} since the mount's version was based on it")
+            refused = _merge(out, refused)
+            continue  # the rest: read again (the refused entries are gone from the pending ones)
         changes = {p: it.entry for p, it in items.items()
                    if cur.get(p) != it.entry and not (it.entry is None and p not in cur)}
 
@@ -253,25 +321,37 @@ def commit_pending(repo: Repository, branch: str, author: str | None = None) -> 
 
         if not changes:
             repo.store.write(consume)
-            return Outcome(parent=head, paths=paths)
+            return _merge(Outcome(parent=head, paths=paths), refused)
         message = describe(changes, cur)
+        who, meta = _author(repo, {items[p].uid for p in changes}, author)
         try:
-            cid = repo.commit_changes(branch, changes, message, author=author, expected_head=head,
-                                      meta={"via": "mount"}, txn_hook=consume)
+            cid = repo.commit_changes(branch, changes, message, author=who, expected_head=head,
+                                      meta={"via": "mount", **meta}, txn_hook=consume)
         except ConcurrentUpdate:
             continue  # the head moved between the read and the commit: look again
         except NothingToCommit:
             repo.store.write(consume)
-            return Outcome(parent=head, paths=paths)
+            return _merge(Outcome(parent=head, paths=paths), refused)
         except InvalidArgument as e:  # e.g. a pending file where the new head has a directory
-            return _refuse(repo, branch, raw, head, paths, str(e))
-        return Outcome(cid, head, message, paths)
+            return _merge(_refuse(repo, branch, raw, head, paths, str(e)), refused)
+        return _merge(Outcome(cid, head, message, paths), refused)
     raise ConcurrentUpdate(f"{branch} kept moving; the mount's changes stay pending")
+
+
+def _merge(out: Outcome, refused: Outcome | None) -> Outcome:
+    """``out`` plus what an earlier round of the same commit set aside as a conflict."""
+    if refused is None:
+        return out
+    out.conflicts = sorted(set(out.conflicts) | set(refused.conflicts))
+    out.refused = sorted(set(out.refused) | set(refused.refused))
+    out.conflict_id = out.conflict_id or refused.conflict_id
+    out.reason = out.reason or refused.reason
+    return out
 
 
 def _refuse(repo: Repository, branch: str, raw: dict[bytes, bytes], head: bytes | None, conflicts: list[str],
             reason: str) -> Outcome:
-    """Move a refused burst under ``pend-conflict`` (one transaction) and log it."""
+    """Move refused pending entries under ``pend-conflict`` (one transaction) and log it."""
     cid = f"{time.time_ns():020d}"
     dst = branch_prefix(branch, CONFLICT_PREFIX) + cid.encode() + b"\x00"
     src = branch_prefix(branch)
@@ -281,19 +361,24 @@ def _refuse(repo: Repository, branch: str, raw: dict[bytes, bytes], head: bytes 
         for k, v in raw.items():
             if t.get("index", k) != v:
                 continue
+            path = pend_path(src, k, v)
             d = json.loads(v)
             d.update(head=head.hex() if head else None, reason=reason, conflicts=conflicts)
             t.delete("index", k)
-            t.put("index", dst + k[len(src):], json.dumps(d, sort_keys=True).encode())
-            moved.append(k[len(src):].decode())
+            key = keys.path_key(dst, path)
+            if keys.is_hashed(dst, key):
+                d[keys.VALUE_PATH] = path
+            t.put("index", key, json.dumps(d, sort_keys=True).encode())
+            moved.append(path)
         return moved
 
     moved = repo.store.write(fn)
-    log.error("commit of the mount's changes to %s refused: %s %s (head now %s); the mount's versions of "
+    log.error("commit of the mount's changes to %s: %s refused: %s (head now %s); the mount's versions of "
               "%d file(s) (%s) are kept as conflict %s: `coralfs flush-mount %s --conflicts` lists them, "
               "`--recover %s --to-branch NAME` commits them on a new branch", branch, ", ".join(conflicts), reason,
               head.hex()[:12] if head else "none", len(moved), ", ".join(sorted(moved)[:10]), cid, repo.root, cid)
-    return Outcome(parent=head, paths=sorted(moved), conflicts=conflicts, conflict_id=cid, reason=reason)
+    return Outcome(parent=head, paths=sorted(moved), conflicts=conflicts, conflict_id=cid, reason=reason,
+                   refused=sorted(moved))
 
 
 def list_conflicts(repo: Repository) -> dict[str, dict[str, Any]]:
@@ -301,8 +386,10 @@ def list_conflicts(repo: Repository) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     with repo.store.read() as t:
         for k, v in t.items("index", CONFLICT_PREFIX):
-            branch, cid, path = k[len(CONFLICT_PREFIX):].decode().split("\x00", 2)
+            branch, cid, _ = k[len(CONFLICT_PREFIX):].split(b"\x00", 2)
+            branch, cid = branch.decode(), cid.decode()
             d = json.loads(v)
+            path = keys.path_of(branch_prefix(branch, CONFLICT_PREFIX) + cid.encode() + b"\x00", k, d)
             c = out.setdefault(cid, {"branch": branch, "head": d.get("head"), "reason": d.get("reason", ""),
                                      "conflicts": d.get("conflicts", []), "files": {}})
             c["files"][path] = d
@@ -330,11 +417,61 @@ def recover_conflict(repo: Repository, conflict_id: str, to_branch: str) -> byte
 
     def drop(t: Txn, _cid: bytes) -> None:
         for p in c["files"]:
-            t.delete("index", prefix + p.encode())
+            t.delete("index", keys.path_key(prefix, p))
 
     return repo.commit_changes(to_branch, changes, f"mount conflict {conflict_id} on {c['branch']}: "
                                + describe(changes, old)[len("mount: "):], expected_head=base, allow_empty=True,
                                meta={"via": "mount", "conflict": conflict_id}, txn_hook=drop)
+
+
+# ------------------------------------------------------------------ one writable mount per repository
+MOUNT_LOCK = "mount.lock"
+
+
+class AlreadyMounted(CoralError):
+    """the repository is already mounted writable"""
+
+    exit_code = 7
+    errno = errno.EBUSY
+
+
+def take_mount_lock(repo_root: str, mountpoint: str | None) -> int:
+    """Hold ``.coralfs/mount.lock`` (flock, for the life of the mount) or refuse, naming the mount
+    that holds it. Two writable mounts of one repository would commit each other's files."""
+    path = os.path.join(repo_root, ".coralfs", MOUNT_LOCK)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = mount_lock_holder(repo_root) or {}
+        os.close(fd)
+        raise AlreadyMounted(f"{repo_root} is already mounted writable by pid {holder.get('pid', '?')} on "
+                             f"{holder.get('mountpoint', '?')}: unmount it first, or mount this one --read-only"
+                             ) from None
+    info = json.dumps({"pid": os.getpid(), "mountpoint": mountpoint, "started": time.time()}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, info, 0)
+    return fd
+
+
+def mount_lock_holder(repo_root: str) -> dict[str, Any] | None:
+    """The running writable mount of a repository (pid, mountpoint), or None."""
+    path = os.path.join(repo_root, ".coralfs", MOUNT_LOCK)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return dict(json.loads(os.pread(fd, 4096, 0) or b"{}"))
+            except ValueError:
+                return {}
+        return None  # nobody holds it
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------ mount sessions (staging dirs)
@@ -414,8 +551,9 @@ def live_sessions(repo_root: str) -> list[dict[str, Any]]:
 def recover_sessions(repo: Repository) -> list[str]:
     """Clean up the staging directories of dead mount sessions; returns what was done (logged).
 
-    A file whose close had failed (complete content, state "closed") is ingested and
-    recorded as pending; anything else that was being written is discarded."""
+    Only what a successful ``close()``/``fsync()`` stored is ever committed (it is a pending
+    entry already): whatever a dead session was still writing, or failed to store, is
+    discarded, with a line saying so."""
     done: list[str] = []
     root = staging_root(repo.root)
     try:
@@ -448,22 +586,10 @@ def _recover_file(repo: Repository, d: str, sid: str) -> str:
     where = f"{branch}/{path}" if branch and path else f"{os.path.basename(d)}/{sid} (unknown path)"
     if not branch or not path or state == "ingested":
         return ""
-    if state == "closed":  # its close() had failed: the content is complete, store it now
-        try:
-            with repo.writing():
-                head = repo.branch_head(branch)
-                prev = _durable_entry(repo, branch, path, head)
-                entry, _ = repo.ingest_file(data, path, prev)
-                mode = int(meta.get("mode", MODE_FILE))
-                base = bytes.fromhex(meta["base"]) if meta.get("base") else head
-                item = PendItem(TreeEntry(entry.manifest, entry.size, mode), base, time.time())
-                repo.store.write(lambda t: t.put("index", pend_key(branch, path), item.encode()))
-            msg = f"recovered {where} ({size} bytes), whose close had failed in an earlier mount session"
-            log.warning(msg)
-            return msg
-        except Exception as e:
-            log.error("could not recover %s (%d bytes) from an earlier mount session: %s; discarded", where, size, e)
-    msg = f"discarded incomplete write of {where} ({size} bytes)"
+    if state == "closed":  # its close() had returned an error: never acknowledged
+        msg = f"discarded write of {where} ({size} bytes), whose close had failed"
+    else:
+        msg = f"discarded incomplete write of {where} ({size} bytes)"
     log.warning(msg)
     return msg
 
@@ -485,7 +611,7 @@ def flush_repository(repo: Repository, branches: list[str] | None = None, recove
     if recovered is not None:
         recovered.extend(done)
     with repo.store.read() as t:
-        names = sorted({split_pend_key(k)[0] for k in t.keys("index", PEND_PREFIX)})
+        names = sorted({pend_branch(k) for k in t.keys("index", PEND_PREFIX)})
     out = []
     for b in names if branches is None else branches:
         o = commit_pending(repo, b)
@@ -519,7 +645,9 @@ class Staged:
         self.handles = 0
         self.writers = 0
         self.dirty = False  # written since the last successful ingest
-        self.failed = False  # the last ingest failed: the data waits here
+        self.failed = False  # the last ingest failed (close/fsync returned the error)
+        self.poisoned = 0  # errno of a write or truncate that failed: the content is not what was meant
+        self.uid: int | None = None  # who opened it for writing (a mount shared with other users)
         self.state = ""  # as written to the .json: writing | closed | ingested
         self.lock = threading.RLock()  # data: writes, truncates and ingests of this file
         # kept here (not fstat-ed): getattr reads them without the lock, also after the fd is gone
@@ -578,6 +706,13 @@ class Writer:
         self.commit_count = 0  # commits made by this mount
         self._closed = False
         self._trash: list[str] = []
+        self._lock_fd: int | None = None
+        self.refused: list[dict[str, Any]] = []  # conflicts set aside this session (for flush-mount)
+
+    def _release_lock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
 
     @property
     def session_dir(self) -> str:
@@ -586,15 +721,21 @@ class Writer:
 
     # -- life cycle ---------------------------------------------------------
     def start(self, background: bool = True) -> None:
-        """Lock a staging session, recover dead ones, commit what earlier sessions left pending."""
-        self.session = Session(self.repo.root, self.mountpoint)
+        """Take the repository's write-mount lock (one writable mount per repository), lock a
+        staging session, recover dead ones, commit what earlier sessions left pending."""
+        self._lock_fd = take_mount_lock(self.repo.root, self.mountpoint)
+        try:
+            self.session = Session(self.repo.root, self.mountpoint)
+        except BaseException:
+            self._release_lock()
+            raise
         for b, o in flush_repository(self.repo):
             if o.conflicts:
                 log.error("start-up: pending changes on %s conflicted (kept as %s)", b, o.conflict_id)
         with self.lock:
             with self.repo.store.read() as t:
                 for k, v in t.items("index", PEND_PREFIX):
-                    b, p = split_pend_key(k)
+                    b, p = split_pend_key(k, v)
                     self._state(b).pend[p] = PendItem.decode(v)
             for st in self.branches.values():
                 st.first_pending = time.monotonic() if st.pend else None
@@ -613,22 +754,23 @@ class Writer:
             self._thread.join(timeout=60)
         with self.lock:
             states = list(self.branches.items())
-        for name, st in states:
-            with contextlib.suppress(CoralError):
-                self._retry_failed(st)
+        for name, _st in states:
             try:
                 self.commit(name)
             except CoralError as e:
                 log.error("unmount: pending changes on %s not committed: %s (they stay pending)", name, e)
         self.empty_trash()
-        keep = any(s.dirty for st in self.branches.values() for s in st.live.values())
         for st in self.branches.values():
             for s in list(st.live.values()):
-                if not s.dirty and s.fd is not None:
+                if s.dirty:  # still open at the end (a lazy unmount): never acknowledged
+                    log.warning("discarded %s/%s (%d bytes): still open for writing when the mount ended",
+                                s.branch, s.path, s.size)
+                if s.fd is not None:
                     os.close(s.fd)
                     s.fd = None
         if self.session is not None:
-            self.session.close(remove=not keep)
+            self.session.close(remove=True)
+        self._release_lock()
 
     def _state(self, branch: str) -> BranchState:
         st = self.branches.get(branch)
@@ -679,6 +821,8 @@ class Writer:
                            None if truncate else current)
                 st.live[path] = s
                 self.version += 1
+            if writable:
+                s.uid = request_uid()
             s.handles += 1
             if writable:
                 s.writers += 1
@@ -741,12 +885,16 @@ class Writer:
 
     def write(self, s: Staged, offset: int, data: bytes, append: bool = False) -> int:
         with s.lock:
-            self._materialize(s)
-            assert s.fd is not None
-            if append:
-                offset = s.size
-            self._dirty(s)
-            n = os.pwrite(s.fd, data, offset)
+            try:
+                self._materialize(s)
+                assert s.fd is not None
+                if append:
+                    offset = s.size
+                self._dirty(s)
+                n = os.pwrite(s.fd, data, offset)
+            except OSError as e:
+                self._poison(s, e)
+                raise
             s.size = max(s.size, offset + n)
             s.mtime = time.time()
         st = self.branches.get(s.branch)
@@ -756,10 +904,16 @@ class Writer:
 
     def truncate(self, s: Staged, length: int) -> None:
         with s.lock:
-            self._materialize(s, keep=length)
-            assert s.fd is not None
-            self._dirty(s)
-            os.ftruncate(s.fd, length)
+            try:
+                self._materialize(s, keep=length)
+                assert s.fd is not None
+                self._dirty(s)
+                os.ftruncate(s.fd, length)
+            except OSError as e:
+                self._poison(s, e)
+                raise
+            if length == 0:
+                s.poisoned = 0  # nothing left of what failed: a fresh start
             s.size = length
             s.mtime = time.time()
         with self.lock:
@@ -767,16 +921,34 @@ class Writer:
 
     def allocate(self, s: Staged, offset: int, length: int) -> None:
         with s.lock:
-            self._materialize(s)
-            assert s.fd is not None
-            if s.size < offset + length:
-                self._dirty(s)
-            os.posix_fallocate(s.fd, offset, length)
+            try:
+                self._materialize(s)
+                assert s.fd is not None
+                if s.size < offset + length:
+                    self._dirty(s)
+                os.posix_fallocate(s.fd, offset, length)
+            except OSError as e:
+                self._poison(s, e)
+                raise
             s.size = max(s.size, offset + length)
+
+    def _poison(self, s: Staged, e: OSError) -> None:
+        """A write that failed (the writer was told): what the file holds now was never meant,
+        so no close or fsync of it may store it (until it is truncated to nothing)."""
+        s.poisoned = e.errno or errno.EIO
+        s.dirty = True
+        log.error("writing %s/%s failed (%s): the file will not be stored", s.branch, s.path, e)
 
     def flush(self, s: Staged) -> None:
         """Store the file if it was written (close/fsync): ingest + pending entry, durable on return."""
         with s.lock:
+            if s.poisoned:
+                if s.path is None:
+                    return
+                err = IngestFailed(f"{s.branch}/{s.path}: not stored: an earlier write to it failed "
+                                   f"({os.strerror(s.poisoned)})")
+                err.errno = s.poisoned
+                raise err
             if not s.dirty:
                 return
             if s.path is None:  # unlinked while open: nothing to keep
@@ -799,7 +971,7 @@ class Writer:
                     with self.lock:
                         if s.path is not None:  # (renamed meanwhile: recorded under its new path)
                             head = self.repo.branch_head(s.branch)
-                            self._apply(s.branch, head, {s.path: entry}, base=s.base)
+                            self._apply(s.branch, head, {s.path: entry}, base=s.base, uid=s.uid)
                 s.dirty = False
                 s.failed = False
                 s.durable = entry
@@ -811,8 +983,9 @@ class Writer:
                 code = e.errno if isinstance(e, (OSError, CoralError)) and e.errno else errno.EIO
                 if "No space left" in str(e) or "MDB_MAP_FULL" in str(e):
                     code = errno.ENOSPC
-                log.error("storing %s/%s failed (%s: %s); its data is kept in %s and stored at the next close, "
-                          "fsync of the directory or mount", s.branch, s.path, type(e).__name__, e, s.fs_path)
+                log.error("storing %s/%s failed (%s: %s): close/fsync returned the error; what it held is not "
+                          "stored (a later successful close or fsync of the file stores what it holds then)",
+                          s.branch, s.path, type(e).__name__, e)
                 err = IngestFailed(f"{s.branch}/{s.path}: storing the file failed: {e}")
                 err.errno = code
                 raise err from e
@@ -825,26 +998,41 @@ class Writer:
                 st.writers -= 1
                 self._touch(st)
             last = s.handles == 1
-        if last and s.dirty and not s.failed and s.path is not None:
-            # written after the last close (e.g. through a shared mapping): store it now
-            with contextlib.suppress(CoralError):
+        if last and s.dirty and not s.failed and not s.poisoned and s.path is not None:
+            # written after the last close (e.g. through a shared mapping, then munmap): store it
+            # now, as a last close would
+            try:
                 self.flush(s)
+            except CoralError as e:
+                log.error("%s/%s: written after its last close and not stored (%s)", s.branch, s.path, e)
         with self.lock:
             s.handles -= 1
+            discarded = s.handles == 0 and s.dirty
             if s.handles == 0:
                 self._drop(s)
-        if self._thread is None:  # (otherwise the commit thread deletes them, off the request path)
+        if self._thread is None or discarded:
+            # (otherwise the commit thread deletes them, off the request path; a discarded file's
+            # space is given back at once: it may be what filled the disk)
             self.empty_trash()
 
     def _drop(self, s: Staged) -> None:
-        """Forget a staged file nobody has open, unless it holds data not stored yet (caller locks)."""
-        if s.handles or (s.dirty and s.path is not None):
+        """Forget a staged file nobody has open (caller locks). Content that no close or fsync
+        stored (a failed write or close) goes with it: the path shows again what was last
+        stored there (or nothing, for a file that never was)."""
+        if s.handles:
             return
         if s.path is not None:
             st = self._state(s.branch)
             if st.live.get(s.path) is s:
                 del st.live[s.path]
                 self.version += 1
+            if s.dirty:
+                log.warning("discarded %s/%s (%d bytes): %s", s.branch, s.path, s.size,
+                            "a write to it failed" if s.poisoned else "its close failed" if s.failed
+                            else "not stored")
+                self._invalid.append(f"/{s.branch}/{s.path}")
+                if not st.pend and not st.live and not st.writers:
+                    st.first_pending = None
         with s.lock:
             fd, s.fd = s.fd, None
             if fd is not None:
@@ -869,28 +1057,31 @@ class Writer:
 
     # -- namespace ------------------------------------------------------------
     def _apply(self, branch: str, head: bytes | None, durable: Mapping[str, TreeEntry | None], *,
-               base: bytes | None | bool = False, head_files: Mapping[str, TreeEntry] | None = None) -> None:
+               base: bytes | None | bool = False, head_files: Mapping[str, TreeEntry] | None = None,
+               uid: int | None = None) -> None:
         """Record pending entries (None: deleted) for ``branch`` in one transaction and in memory
         (caller holds ``self.lock``). A path already pending keeps its base (the oldest)."""
         st = self._state(branch)
         if head_files is None:
             head_files = self.repo.tree(head).entries if head else {}
         now = time.time()
+        if uid is None:
+            uid = request_uid()
         new: dict[str, PendItem | None] = {}
         for p, e in durable.items():
             old = st.pend.get(p)
             b = old.base if old is not None else (head if base is False else base)
             if e is None:
-                new[p] = PendItem(None, b, now) if p in head_files else None
+                new[p] = PendItem(None, b, now, uid) if p in head_files else None
             else:  # the head's own version again: nothing pending
-                new[p] = None if head_files.get(p) == e else PendItem(e, b, now)
+                new[p] = None if head_files.get(p) == e else PendItem(e, b, now, uid)
 
         def fn(t: Txn) -> None:
             for p, it in new.items():
                 if it is None:
                     t.delete("index", pend_key(branch, p))
                 else:
-                    t.put("index", pend_key(branch, p), it.encode())
+                    put_pend(t, branch, p, it)
 
         self.repo.store.write(fn)
         for p, it in new.items():
@@ -976,52 +1167,40 @@ class Writer:
         """Commit the branch's pending entries now (no quiet period)."""
         with self.lock:
             st = self._state(branch)
+            # a file open for writing is never committed (its last close decides what it holds)
+            hold = {p for p, s in st.live.items() if s.writers > 0}
             try:
-                out = commit_pending(self.repo, branch)
+                out = commit_pending(self.repo, branch, hold=hold)
             finally:
                 self._reload(branch)
             if out.commit is not None:
                 self.commit_count += 1
                 log.info("committed %s on %s: %s", out.commit.hex()[:12], branch, out.message.splitlines()[0])
                 for s in st.live.values():  # what they saw is in the new commit
-                    if s.base == out.parent:
+                    if (s.base or None) == out.parent:
                         s.base = out.commit
             if out.conflicts:
-                self._invalid += [f"/{branch}/{p}" for p in out.paths] + [f"/{branch}"]
+                self._invalid += [f"/{branch}/{p}" for p in out.refused] + [f"/{branch}"]
                 self.version += 1
+                self.refused.append({"branch": branch, "conflict": out.conflict_id, "paths": out.refused,
+                                     "conflicts": out.conflicts, "reason": out.reason, "time": time.time()})
                 if raise_conflict:
                     raise ConcurrentUpdate(f"{branch}: {', '.join(out.conflicts)} {out.reason}; the mount's "
-                                           f"versions are kept as conflict {out.conflict_id} (see mount.log)")
+                                           f"versions are kept as conflict {out.conflict_id} (`coralfs flush-mount "
+                                           f"--conflicts`)" + (" (the rest was committed)" if out.commit else ""))
             return out.commit
 
     def _reload(self, branch: str) -> None:
         st = self._state(branch)
         prefix = branch_prefix(branch)
         with self.repo.store.read() as t:
-            st.pend = {k[len(prefix):].decode(): PendItem.decode(v) for k, v in t.items("index", prefix)}
+            st.pend = {pend_path(prefix, k, v): PendItem.decode(v) for k, v in t.items("index", prefix)}
         st.first_pending = (st.first_pending or time.monotonic()) if st.pend else None
         self.version += 1
 
-    def _retry_failed(self, st: BranchState) -> None:
-        """Store closed files whose ingest failed (holding a handle, so nothing drops them meanwhile)."""
-        with self.lock:
-            retry = [s for s in st.live.values() if s.dirty and s.writers == 0]
-            for s in retry:
-                s.handles += 1
-        err: CoralError | None = None
-        for s in retry:
-            try:
-                self.flush(s)
-            except CoralError as e:
-                err = err or e
-            finally:
-                self.release(s, False)
-        if err is not None:
-            raise err
-
     def sync(self, branch: str) -> bytes | None:
-        """``fsync`` of a branch directory: store closed files whose ingest failed, then commit now."""
-        self._retry_failed(self._state(branch))
+        """``fsync`` of a branch directory: commit its pending changes now (files still open for
+        writing stay pending)."""
         return self.commit(branch, raise_conflict=True)
 
     def sync_all(self) -> None:
@@ -1039,6 +1218,9 @@ class Writer:
                 for name, st in self.branches.items():
                     if not st.pend or now < st.retry_at or now - st.last_activity < self.commit_delay:
                         continue
+                    held = {p for p, s in st.live.items() if s.writers > 0}
+                    if all(p in held for p in st.pend):
+                        continue  # only files still open for writing: nothing to commit yet
                     if st.writers == 0 or (st.first_pending is not None and now - st.first_pending >= self.max_hold):
                         due.append((name, st))
             for name, st in due:

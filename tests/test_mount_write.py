@@ -429,14 +429,15 @@ def test_commits_and_tags_immutable_branch_dirs(make_repo, fuse_mount, tmp_path:
     assert ei.value.errno == errno.ENOTEMPTY
     shutil.rmtree(root / "feature")
     assert repo.branch_head("feature") is None and "feature" not in os.listdir(root)
-    # an empty repository: mkdir of its default branch starts it
+    # an empty repository shows its default branch's directory: writing into it starts it
     empty = make_repo("empty")
     m2 = fuse_mount(empty.root, "--commit-delay", "60")
-    assert os.listdir(m2.path) == ["@commits", "@tags"]
-    os.mkdir(Path(m2.path) / "main")
+    assert os.listdir(m2.path) == ["main", "@commits", "@tags"]
+    with pytest.raises(FileExistsError):
+        os.mkdir(Path(m2.path) / "main")
     (Path(m2.path) / "main/first.txt").write_bytes(b"first")
     fsync_dir(Path(m2.path) / "main")
-    assert [c.message for _, c in empty.log("main")] == ["mount: add first.txt", "mount: create branch main"]
+    assert [c.message for _, c in empty.log("main")] == ["mount: add first.txt"]
 
 
 def test_concurrent_commit_to_the_same_branch(make_repo, fuse_mount, tmp_path: Path) -> None:
@@ -459,13 +460,17 @@ def test_concurrent_commit_to_the_same_branch(make_repo, fuse_mount, tmp_path: P
     assert repo.get_commit(c).parents == (api,)
     assert api_sha(repo, c, "mount.bin") == sha(b"from the mount") and api_sha(repo, c, "api.bin") == sha(b"from the API")
 
-    # the same file: refused, the mount's version kept for recovery, the branch shows the other one
+    # the same file: refused, the mount's version kept for recovery, the branch shows the other
+    # one; the burst's other files are committed (one conflicting path does not hold them back)
     (b / "config.json").write_bytes(b'{"mount": true}')
+    (b / "unrelated.txt").write_bytes(b"unrelated")
     api2 = api_commit("config.json", b'{"api": true}', "api changes config")
     with pytest.raises(OSError) as ei:
         fsync_dir(b)
     assert ei.value.errno == errno.EAGAIN
-    assert repo.branch_head("main") == api2
+    c2 = repo.branch_head("main")
+    assert repo.get_commit(c2).parents == (api2,) and repo.get_commit(c2).message == "mount: add unrelated.txt"
+    assert api_sha(repo, c2, "config.json") == sha(b'{"api": true}')
     log = Path(m.log).read_text()
     assert "refused" in log and "config.json" in log
     wait_for(lambda: (b / "config.json").read_bytes() == b'{"api": true}', what="the branch dir to show the API's file")
@@ -484,7 +489,7 @@ def test_concurrent_commit_to_the_same_branch(make_repo, fuse_mount, tmp_path: P
     # the mount keeps working
     (b / "after.txt").write_bytes(b"after")
     fsync_dir(b)
-    assert repo.get_commit(repo.branch_head("main")).parents == (api2,)
+    assert repo.get_commit(repo.branch_head("main")).parents == (c2,)
     assert fsck(repo).ok
 
 
@@ -551,22 +556,33 @@ def test_sigkill_during_ingest(make_repo, fuse_mount) -> None:
     assert report.ok, [str(p) for p in report.problems]
 
 
-def test_ingest_failure_is_close_error_and_kept(make_repo, fuse_mount) -> None:
+def test_failed_close_is_never_committed(make_repo, fuse_mount) -> None:
+    """close() returned an error: that content was never acknowledged, so nothing commits it
+    later (not a directory fsync, not the unmount, not the next mount); the path shows what
+    was last stored there, and the mount keeps working."""
     repo = seeded(make_repo)
-    m = fuse_mount(repo.root, "--commit-delay", "60", env={"CORALFS_MOUNT_FAIL_INGEST": "full:1"})
+    m = fuse_mount(repo.root, "--commit-delay", "60", env={"CORALFS_MOUNT_FAIL_INGEST": "full:2"})
     b = Path(m.path) / "main"
-    data = os.urandom(200_000)
     f = open(b / "full.bin", "wb")  # noqa: SIM115
-    f.write(data)
+    f.write(os.urandom(200_000))
     with pytest.raises(OSError) as ei:
         f.close()
     assert ei.value.errno == errno.ENOSPC
     assert "storing main/full.bin failed" in Path(m.log).read_text()
-    assert (b / "full.bin").read_bytes() == data  # the data is kept (and shown)
+    assert "full.bin" not in os.listdir(b)  # a new file that never stored anything: gone
+    # an existing file's failed rewrite: the path shows the version last stored
+    old = (b / "config.json").read_bytes()
+    os.rename(b / "config.json", b / "fullconfig.json")  # (the hook fails paths containing "full")
+    with pytest.raises(OSError), open(b / "fullconfig.json", "wb") as g:
+        g.write(b"never acknowledged")
+    assert (b / "fullconfig.json").read_bytes() == old
     (b / "fine.txt").write_bytes(b"the mount still writes")
-    fsync_dir(b)  # stores the kept file (the disk has room again), then commits
-    assert api_sha(repo, "main", "full.bin") == sha(data) and api_sha(repo, "main", "fine.txt") == \
-        sha(b"the mount still writes")
+    fsync_dir(b)
+    files = repo.ls("main")
+    assert "full.bin" not in files and "fine.txt" in files and api_sha(repo, "main", "fullconfig.json") == sha(old)
+    m.stop()
+    assert "full.bin" not in repo.ls("main")  # nor at the unmount
+    assert fsck(repo).ok
 
 
 def test_open_readers_keep_their_version(make_repo, fuse_mount) -> None:

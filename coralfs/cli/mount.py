@@ -70,7 +70,14 @@ def cmd_umount(args: argparse.Namespace, _repo: None) -> int:
 def cmd_flush_mount(args: argparse.Namespace, _repo: None) -> int:
     from coralfs.errors import CoralError, InvalidArgument
     from coralfs.fuse import is_mounted, repo_root
-    from coralfs.mountwrite import flush_repository, list_conflicts, live_sessions, recover_conflict
+    from coralfs.mountwrite import (
+        flush_repository,
+        list_conflicts,
+        live_sessions,
+        mount_lock_holder,
+        recover_conflict,
+        take_mount_lock,
+    )
     from coralfs.repository import Repository
 
     root = repo_root(args.repository)
@@ -90,7 +97,11 @@ def cmd_flush_mount(args: argparse.Namespace, _repo: None) -> int:
                 cli.out(f"{cid}  {c['branch']}  {len(c['files'])} file(s): {', '.join(sorted(c['files']))}"
                         f"  ({', '.join(c['conflicts'])}: {c['reason']})")
         return 0
+    holder = mount_lock_holder(root)  # the running writable mount, if any
     live = [s for s in live_sessions(root) if s.get("mountpoint") and is_mounted(s["mountpoint"])]
+    if holder is not None and not live:
+        raise CoralError(f"a writable mount of {root} is running (pid {holder.get('pid', '?')}) but its mount point "
+                         f"{holder.get('mountpoint', '?')} is not mounted; unmount it or stop that process")
     results: list[dict[str, object]] = []
     if live:  # the running mount commits (it holds the files being written)
         with Repository(root) as repo:
@@ -117,21 +128,25 @@ def cmd_flush_mount(args: argparse.Namespace, _repo: None) -> int:
                         cli.info(args, f"{b}: committed {cli.short_id(after[b])} {msg} (by the mount on "
                                        f"{live[0]['mountpoint']})")
     else:
-        with Repository(root) as repo:
-            recovered: list[str] = []
-            outcomes = flush_repository(repo, args.branches or None, recovered)
-            for line in recovered:
-                cli.info(args, line)
-            for b, o in outcomes:
-                results.append({"branch": b, "commit": o.commit.hex() if o.commit else None,
-                                "message": o.message.splitlines()[0] if o.message else "",
-                                "conflict": o.conflict_id})
-                if args.json:
-                    continue
-                if o.commit:
-                    cli.info(args, f"{b}: committed {cli.short_id(o.commit)} {o.message.splitlines()[0]}")
-                elif o.conflicts:
-                    cli.out(f"{b}: refused, {', '.join(o.conflicts)} {o.reason}; kept as conflict {o.conflict_id}")
+        lock = take_mount_lock(root, None)  # (no mount may start meanwhile: it would commit the same entries)
+        try:
+            with Repository(root) as repo:
+                recovered: list[str] = []
+                outcomes = flush_repository(repo, args.branches or None, recovered)
+        finally:
+            os.close(lock)
+        for line in recovered:
+            cli.info(args, line)
+        for b, o in outcomes:
+            results.append({"branch": b, "commit": o.commit.hex() if o.commit else None,
+                            "message": o.message.splitlines()[0] if o.message else "",
+                            "conflict": o.conflict_id})
+            if args.json:
+                continue
+            if o.commit:
+                cli.info(args, f"{b}: committed {cli.short_id(o.commit)} {o.message.splitlines()[0]}")
+            if o.conflicts:
+                cli.out(f"{b}: refused, {', '.join(o.conflicts)} {o.reason}; kept as conflict {o.conflict_id}")
     if args.json:
         cli.print_json(results)
     elif not results:

@@ -196,3 +196,31 @@ def test_empty_repository_shows_its_default_branch(make_repo, fuse_mount) -> Non
     (root / "main" / "sub" / "first.bin").write_bytes(b"second")  # and the next commit goes on top
     fsync_dir(root / "main")
     assert repo.get_commit(repo.branch_head("main")).parents == (c,)
+
+
+def test_unstorable_names_are_refused_before_any_data(make_repo, fuse_mount) -> None:
+    """A name the repository cannot store or check out is refused when the file (or directory)
+    is created, never at close() after the data was accepted."""
+    repo = seeded(make_repo)
+    m = fuse_mount(repo.root, "--commit-delay", "60")
+    b = Path(m.path) / "main"
+    long = "x" * 256  # a local file system's limit is 255 bytes a name (FUSE would pass 1024)
+    for op in (lambda: open(b / long, "wb"), lambda: os.mkdir(b / long),
+               lambda: os.rename(b / "config.json", b / long)):
+        with pytest.raises(OSError) as ei:
+            op()
+        assert ei.value.errno == errno.ENAMETOOLONG
+    deep = b
+    for _ in range(20):  # 20 x 250 bytes: a path over 4095 bytes
+        deep = deep / ("d" * 249)
+    with pytest.raises(OSError) as ei:
+        os.makedirs(deep)
+    assert ei.value.errno == errno.ENAMETOOLONG
+    with pytest.raises(OSError) as ei:
+        open(b / ".coralfs", "wb")  # reserved (the store's directory in a work tree)
+    assert ei.value.errno == errno.EINVAL
+    ok = "y" * 255
+    (b / ok).write_bytes(b"fits")
+    fsync_dir(b)
+    assert api_sha(repo, "main", ok) == sha(b"fits")
+    assert not [p for p in repo.ls("main") if p.startswith("x")]

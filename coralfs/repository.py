@@ -22,11 +22,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from coralfs import refs
+from coralfs import keys, refs
 from coralfs.errors import (
     AmbiguousRevision,
     ConcurrentUpdate,
     CoralError,
+    FormatError,
     InvalidArgument,
     InvalidPath,
     NotARepository,
@@ -49,6 +50,7 @@ from coralfs.objects import (
     Tree,
     TreeEntry,
     check_path,
+    path_error,
 )
 from coralfs.objectstore import ObjectStore
 from coralfs.reader import FileReader, FileView
@@ -61,6 +63,11 @@ _REV_SUFFIX = re.compile(r"(~\d*|\^\d*)$")
 _HEX = re.compile(r"^[0-9a-f]{4,64}$")
 
 Changes = Mapping[str, "TreeEntry | None"]
+
+# LMDB keys that carry a path (coralfs.keys: fsencode'd, hashed when long)
+STAGE_PREFIX = b""  # the ``stage`` database
+STAT_PREFIX = b"st\x00"  # index: stat cache
+SKIP_PREFIX = b"sw\x00"  # index: skip-worktree
 
 
 def default_author() -> str:
@@ -93,15 +100,36 @@ class Status:
 
 
 def _stage_key(path: str) -> bytes:
-    return path.encode()
+    return keys.path_key(STAGE_PREFIX, path)
 
 
 def _stat_key(path: str) -> bytes:
-    return b"st\x00" + path.encode()
+    return keys.path_key(STAT_PREFIX, path)
 
 
 def _skip_key(path: str) -> bytes:
-    return b"sw\x00" + path.encode()
+    return keys.path_key(SKIP_PREFIX, path)
+
+
+def _path_value(prefix: bytes, key: bytes, path: str, value: dict[str, Any]) -> bytes:
+    """``value`` as JSON, carrying the path when ``key`` is a hashed key (which cannot spell it)."""
+    if keys.is_hashed(prefix, key):
+        value = {**value, keys.VALUE_PATH: path}
+    return json.dumps(value).encode()
+
+
+def _key_path(prefix: bytes, key: bytes, value: bytes) -> str:
+    """The path a stage/stat/skip key stands for, validated: the store may come from
+    someone else, and such a path may end up in a tree or the work tree."""
+    try:
+        d = json.loads(value) if keys.is_hashed(prefix, key) else None
+        path = keys.path_of(prefix, key, d)
+    except (ValueError, TypeError) as e:
+        raise FormatError(f"corrupt path key {key[:60]!r}: {e} (run 'coralfs fsck')") from e
+    err = path_error(path)
+    if err is not None:
+        raise FormatError(f"corrupt path key {key[:60]!r}: {err} (run 'coralfs fsck --repair')")
+    return path
 
 
 def _stat_sig(st: os.stat_result) -> list[int]:
@@ -525,7 +553,8 @@ class Repository:
         return check_path(rel.replace(os.sep, "/"))
 
     def _staged(self, t: Txn) -> dict[str, dict[str, Any]]:
-        return {k.decode(): json.loads(v) for k, v in t.items("stage")}
+        """path -> stage entry (a scan of the whole database: long paths have hashed keys)."""
+        return {_key_path(STAGE_PREFIX, k, v): json.loads(v) for k, v in t.items("stage")}
 
     def _index_entry(self, t: Txn, path: str) -> TreeEntry | None:
         """The entry a path has in stage-then-HEAD (what the next commit would hold)."""
@@ -580,7 +609,7 @@ class Repository:
                 rel = self._rel(ap)
                 with self.store.read() as t:
                     tracked = self._index_entry(t, rel) is not None
-                    under = [k.decode() for k in t.keys("stage", (rel + "/").encode())]
+                    under = [q for q in self._staged(t) if q.startswith(rel + "/")]
                 head_paths = [q for q in self._head_paths() if q == rel or q.startswith(rel + "/")]
                 if not tracked and not under and not head_paths:
                     raise PathNotFound(f"{os.fspath(p)}: no such file")
@@ -615,20 +644,26 @@ class Repository:
                skip_worktree: bool = False) -> None:
         path = check_path(path)
 
+        stage_key, stat_key, skip_key = _stage_key(path), _stat_key(path), _skip_key(path)
+
         def fn(t: Txn) -> None:
             if entry is None:
-                t.put("stage", _stage_key(path), b'{"del":true}')
-                t.delete("index", _stat_key(path))
-                t.delete("index", _skip_key(path))
+                deleted = (_path_value(STAGE_PREFIX, stage_key, path, {"del": True})
+                           if keys.is_hashed(STAGE_PREFIX, stage_key) else b'{"del":true}')
+                t.put("stage", stage_key, deleted)
+                t.delete("index", stat_key)
+                t.delete("index", skip_key)
                 return
-            t.put("stage", _stage_key(path), json.dumps({"m": entry.manifest.hex(), "size": entry.size,
-                                                         "mode": entry.mode}).encode())
+            t.put("stage", stage_key, _path_value(STAGE_PREFIX, stage_key, path, {
+                "m": entry.manifest.hex(), "size": entry.size, "mode": entry.mode}))
             if st is not None:
-                t.put("index", _stat_key(path), json.dumps({"sig": _stat_sig(st), "m": entry.manifest.hex()}).encode())
+                t.put("index", stat_key, _path_value(STAT_PREFIX, stat_key, path,
+                                                     {"sig": _stat_sig(st), "m": entry.manifest.hex()}))
             if skip_worktree:
-                t.put("index", _skip_key(path), b"1")
+                t.put("index", skip_key, _path_value(SKIP_PREFIX, skip_key, path, {})
+                      if keys.is_hashed(SKIP_PREFIX, skip_key) else b"1")
             else:
-                t.delete("index", _skip_key(path))
+                t.delete("index", skip_key)
 
         self.store.write(fn)
 
@@ -643,7 +678,7 @@ class Repository:
         for p in paths:
             rel = self._rel(p)
             with self.store.read() as t:
-                staged = {k.decode() for k in t.keys("stage")}
+                staged = set(self._staged(t))
             targets = sorted(q for q in head_paths | staged if q == rel or q.startswith(rel + "/"))
             if not targets:
                 raise PathNotFound(f"{os.fspath(p)}: not tracked")
@@ -688,7 +723,8 @@ class Repository:
         changes: dict[str, TreeEntry | None] = {}
         for k, v in staged_raw:
             d = json.loads(v)
-            changes[k.decode()] = None if d.get("del") else TreeEntry(bytes.fromhex(d["m"]), d["size"], d["mode"])
+            changes[_key_path(STAGE_PREFIX, k, v)] = (None if d.get("del")
+                                                      else TreeEntry(bytes.fromhex(d["m"]), d["size"], d["mode"]))
         return self._commit(None, changes, message, metrics, meta, author, allow_empty,
                             consumed=dict(staged_raw))
 
@@ -772,7 +808,7 @@ class Repository:
             branch, head = self._head_ref(t)
             head_entries = self.get_tree(self.get_commit(head).tree).entries if head else {}
             staged = self._staged(t)
-            skip = {k[3:].decode() for k in t.keys("index", b"sw\x00")}
+            skip = {_key_path(SKIP_PREFIX, k, v) for k, v in t.items("index", SKIP_PREFIX)}
             s = Status(branch, head)
             index: dict[str, TreeEntry] = dict(head_entries)
             for p, d in staged.items():
@@ -845,10 +881,11 @@ class Repository:
         def fn(t: Txn) -> None:
             for k in list(t.keys("stage")):
                 t.delete("stage", k)
-            for k in list(t.keys("index", b"sw\x00")):
+            for k in list(t.keys("index", SKIP_PREFIX)):
                 t.delete("index", k)
             for p, (sig, m) in stat_updates.items():
-                t.put("index", _stat_key(p), json.dumps({"sig": sig, "m": m.hex()}).encode())
+                key = _stat_key(p)
+                t.put("index", key, _path_value(STAT_PREFIX, key, p, {"sig": sig, "m": m.hex()}))
             t.put("refs", refs.HEAD, b"ref:" + refs.branch_key(rev) if is_branch else target)
 
         self.store.write(fn)

@@ -21,6 +21,7 @@ import pytest
 from coralfs import cli, refs
 from coralfs.errors import FormatError, InvalidPath, NameTooLong
 from coralfs.fsck import fsck
+from coralfs.gc import gc
 from coralfs.hashing import digest
 from coralfs.objects import TYPE_TREE, Commit, Tree, TreeEntry, check_path, deserialize
 from coralfs.repository import Repository
@@ -165,6 +166,22 @@ def test_cli_fsck_and_checkout_report_a_hostile_tree(repo, tmp_path, outside, ca
     assert outside_state(tmp_path) == before
 
 
+def test_hostile_stage_entry_is_refused_reported_and_repairable(repo, tmp_path, outside):
+    commit_files(repo, {"keep.bin": b"k"})
+    mid, man, _ = repo.ingest_buffer(memoryview(b"pwned"), "x.bin")
+    value = json.dumps({"m": mid.hex(), "size": man.size, "mode": 0o100644}).encode()
+    repo.store.write(lambda t: t.put("stage", b"../x", value))
+    before = outside_state(tmp_path)
+    for op in (repo.status, lambda: repo.commit("evil"), lambda: repo.rm([os.path.join(repo.root, "keep.bin")])):
+        with pytest.raises(FormatError, match="corrupt path key"):
+            op()
+    assert outside_state(tmp_path) == before and repo.ls("HEAD").keys() == {"keep.bin"}
+    rep = fsck(repo)
+    assert [p.kind for p in rep.problems] == ["stage"] and "'..'" in rep.problems[0].message
+    assert fsck(repo, repair=True).ok and fsck(repo).ok
+    assert repo.status().clean
+
+
 def test_check_path_limits():
     assert check_path("n" * 255) == "n" * 255
     with pytest.raises(NameTooLong):
@@ -191,3 +208,136 @@ def test_object_bytes_of_valid_utf8_are_unchanged():
     assert tree.serialize() == old
     odd = Tree({os.fsdecode(b"caf\xe9.bin"): TreeEntry(m, 3)})
     assert deserialize(odd.serialize()) == odd
+
+
+# ------------------------------------------------------------------ non-UTF-8 and long paths
+def _write_at(root: str, rel: bytes, data: bytes) -> None:
+    """Create ``root/rel`` through directory fds (a 4000-byte path is over PATH_MAX as one string)."""
+    parts = rel.split(b"/")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            try:
+                os.mkdir(part, dir_fd=fd)
+            except FileExistsError:
+                pass
+            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        f = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, dir_fd=fd)
+        os.write(f, data)
+        os.close(f)
+    finally:
+        os.close(fd)
+
+
+def _read_at(root: str, rel: bytes) -> bytes | None:
+    parts = rel.split(b"/")
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        f = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+        try:
+            return os.read(f, 1 << 20)
+        finally:
+            os.close(f)
+    except FileNotFoundError:
+        return None
+    finally:
+        os.close(fd)
+
+
+ODD_PATHS = {
+    "non-utf8": b"caf\xe9/\xff\xfe-weights.bin",
+    "300-bytes": b"p" * 150 + b"/" + b"q" * 149,
+    "600-bytes": b"/".join([b"r" * 199, b"s" * 199, b"t" * 200]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ODD_PATHS))
+def test_odd_paths_round_trip(repo, name):
+    raw = ODD_PATHS[name]
+    path = os.fsdecode(raw)
+    assert len(raw) <= 4000 and check_path(path) == path and (name != "4000-bytes" or len(raw) == 4000)
+    data = name.encode() * 1000
+    commit_files(repo, {"base.bin": b"base"}, "base")
+    repo.create_branch("plain")
+    _write_at(repo.root, raw, data)
+    assert repo.status().untracked == [path]
+    repo.add([os.path.join(repo.root, path)])
+    assert repo.status().staged == {path: "added"}
+    cid = repo.commit("odd")
+    st = repo.status()
+    assert st.clean and not st.untracked, st
+    assert repo.ls(cid)[path].size == len(data)
+    with repo.open(cid, path) as f:
+        assert f.read() == data
+    repo.checkout("plain")
+    assert _read_at(repo.root, raw) is None and repo.status().clean
+    assert set(os.listdir(repo.root)) == {".coralfs", "base.bin"}  # directories of the odd path pruned
+    repo.checkout("main")
+    assert _read_at(repo.root, raw) == data
+    assert repo.status().clean
+    # a changed file is seen as modified, restaged, committed
+    _write_at(repo.root, raw, data + b"!")
+    assert repo.status().modified == [path]
+    repo.add([os.path.join(repo.root, path)])
+    repo.commit("changed")
+    assert repo.status().clean
+    assert repo.rm([os.path.join(repo.root, path)]) == [path]
+    assert _read_at(repo.root, raw) is None
+    assert repo.status().staged == {path: "deleted"}
+    repo.commit("gone")
+    assert path not in repo.ls("HEAD")
+    assert fsck(repo).ok
+    gc(repo, grace=0)
+    repo.checkout("HEAD~1")
+    assert _read_at(repo.root, raw) == data + b"!"
+
+
+def test_long_paths_use_hashed_keys_with_the_path_in_the_value(repo):
+    path = "/".join(["k" * 200] * 3)
+    _write_at(repo.root, os.fsencode(path), b"long")
+    repo.add([os.path.join(repo.root, path.split("/")[0])])  # a directory: found by walking
+    with repo.store.read() as t:
+        stage = list(t.items("stage"))
+        stat_keys = [(k, v) for k, v in t.items("index", b"st\x00")]
+    assert len(stage) == 1 and stage[0][0].startswith(b"/") and json.loads(stage[0][1])["path"] == path
+    assert len(stat_keys) == 1 and json.loads(stat_keys[0][1])["path"] == path
+    # a deleted directory is staged as deleted through a scan (a prefix scan would miss the hashed key)
+    repo.commit("long")
+    import shutil
+
+    shutil.rmtree(os.path.join(repo.root, "k" * 200))
+    repo.add([os.path.join(repo.root, "k" * 200)])
+    assert repo.status().staged == {path: "deleted"}
+    repo.rm([os.path.join(repo.root, "k" * 200)], cached=True)  # unstage-by-rm finds it too
+    # staged without a work-tree file (what save() does): the skip-worktree key is hashed too
+    repo.commit("rm")
+    saved = "/".join(["s" * 200] * 3)
+    mid, man, _ = repo.ingest_buffer(memoryview(b"saved"), "x.bin")
+    repo.stage_entry(saved, TreeEntry(mid, man.size))
+    with repo.store.read() as t:
+        skip = list(t.items("index", b"sw\x00"))
+    assert len(skip) == 1 and json.loads(skip[0][1])["path"] == saved
+    st = repo.status()
+    assert st.staged == {saved: "added"} and st.deleted == []
+    assert fsck(repo).ok
+    repo.commit("saved")
+    repo.checkout("HEAD", force=True)  # materialises it
+    assert _read_at(repo.root, os.fsencode(saved)) == b"saved"
+
+
+def test_cli_non_utf8_name(repo, tmp_path):
+    name = b"caf\xe9.bin"
+    with open(os.path.join(os.fsencode(repo.root), name), "wb") as f:
+        f.write(b"latin-1 name")
+    r = coralfs(b"add", name, cwd=repo.root)
+    assert r.returncode == 0, r.stderr
+    r = coralfs("status", cwd=repo.root)
+    assert r.returncode == 0 and b"added:     caf\xe9.bin\n" in r.stdout, r
+    assert coralfs("commit", "-m", "odd", cwd=repo.root).returncode == 0
+    assert b"caf\xe9.bin" in coralfs("ls", "HEAD", cwd=repo.root).stdout

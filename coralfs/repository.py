@@ -8,14 +8,18 @@ consumed stage entries), so a crash leaves either the old or the new head.
 from __future__ import annotations
 
 import contextlib
+import errno
 import getpass
 import heapq
 import io
 import json
 import logging
+import mmap
 import os
 import re
+import secrets
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -28,6 +32,7 @@ from coralfs.errors import (
     ConcurrentUpdate,
     CoralError,
     FormatError,
+    IntegrityError,
     InvalidArgument,
     InvalidPath,
     NotARepository,
@@ -36,10 +41,11 @@ from coralfs.errors import (
     RefExists,
     RepositoryExists,
     UnknownRevision,
+    UnsafePath,
     WouldOverwrite,
 )
 from coralfs.hashing import hasher
-from coralfs.ingest import DEFAULT_MAX_DEPTH, PENDING_PREFIX, Ingestor, IngestStats, MappedFile, Progress
+from coralfs.ingest import DEFAULT_MAX_DEPTH, PENDING_PREFIX, Ingestor, IngestStats, Progress
 from coralfs.locks import gate_for
 from coralfs.objects import (
     MODE_EXEC,
@@ -50,12 +56,14 @@ from coralfs.objects import (
     Tree,
     TreeEntry,
     check_path,
+    path_clash,
     path_error,
 )
 from coralfs.objectstore import ObjectStore
 from coralfs.reader import FileReader, FileView
 from coralfs.repack import RepackStats, pending_count, repack
 from coralfs.store import Store, Txn
+from coralfs.worktree_fs import TEMP_PREFIX, SkipCallback, WorkTree, kind, read_blocks
 
 CORAL_DIR = ".coralfs"
 FORMAT_VERSION = 1
@@ -63,6 +71,7 @@ _REV_SUFFIX = re.compile(r"(~\d*|\^\d*)$")
 _HEX = re.compile(r"^[0-9a-f]{4,64}$")
 
 Changes = Mapping[str, "TreeEntry | None"]
+log = logging.getLogger(__name__)
 
 # LMDB keys that carry a path (coralfs.keys: fsencode'd, hashed when long)
 STAGE_PREFIX = b""  # the ``stage`` database
@@ -580,61 +589,108 @@ class Repository:
         with self.writing():
             return self.ingestor.ingest(view, path, prev_manifest, progress)
 
-    def ingest_file(self, fs_path: str | os.PathLike[str], path: str, prev: TreeEntry | None = None,
-                    progress: Progress | None = None) -> tuple[TreeEntry, IngestStats]:
-        st = os.stat(fs_path)
-        with MappedFile(fs_path) as mf:
-            mid, manifest, stats = self.ingest_buffer(mf.view, path, prev, progress)
+    def ingest_fd(self, fd: int, path: str, prev: TreeEntry | None = None,
+                  progress: Progress | None = None) -> tuple[TreeEntry, IngestStats]:
+        """Store the open regular file ``fd`` as ``path``. Size and mode come from this very fd,
+        so what is stored is the file that was opened (callers open without following links)."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidPath(f"{path}: not a regular file")
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if st.st_size else None
+        view = memoryview(mm) if mm is not None else memoryview(b"")
+        try:
+            mid, manifest, stats = self.ingest_buffer(view, path, prev, progress)
+        finally:
+            view.release()
+            if mm is not None:
+                mm.close()
         mode = MODE_EXEC if st.st_mode & 0o111 else MODE_FILE
         return TreeEntry(mid, manifest.size, mode), stats
 
-    def _iter_worktree(self, start: str) -> Iterator[str]:
-        if os.path.isdir(start) and not os.path.islink(start):
-            for dirpath, dirnames, filenames in os.walk(start):
-                dirnames[:] = sorted(d for d in dirnames if not (dirpath == self.root and d == CORAL_DIR))
-                for f in sorted(filenames):
-                    fp = os.path.join(dirpath, f)
-                    if os.path.isfile(fp) and not os.path.islink(fp):
-                        yield fp
-        else:
-            yield start
+    def ingest_file(self, fs_path: str | os.PathLike[str], path: str, prev: TreeEntry | None = None,
+                    progress: Progress | None = None) -> tuple[TreeEntry, IngestStats]:
+        """Store the file at ``fs_path`` as ``path``. Its last component is opened without
+        following a symlink (InvalidPath: symlinks are not stored); to refuse symlinked
+        parent directories too, open through a :class:`WorkTree` and use ``ingest_fd``."""
+        try:
+            fd = os.open(fs_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise InvalidPath(f"{os.fspath(fs_path)}: is a symbolic link (symlinks are not stored)") from None
+            raise
+        try:
+            return self.ingest_fd(fd, path, prev, progress)
+        finally:
+            os.close(fd)
 
-    def add(self, paths: Iterable[str | os.PathLike[str]], progress: Callable[[str], Progress | None] | None = None
-            ) -> IngestStats:
-        """Stage work-tree files (directories recursively); a tracked file that is gone is staged as deleted."""
+    def add(self, paths: Iterable[str | os.PathLike[str]], progress: Callable[[str], Progress | None] | None = None,
+            on_skip: SkipCallback | None = None) -> IngestStats:
+        """Stage work-tree files (directories recursively); a tracked file that is gone is staged as deleted.
+
+        Symlinks are not stored (yet), and their targets' content never is: naming a symlink,
+        or a path that goes through a symlinked directory, raises InvalidPath (``UnsafePath``
+        for the directory case). A symlink (or FIFO, socket, ...) met while walking a named
+        directory is skipped and reported to ``on_skip(path, reason)`` (default: a warning
+        on this module's logger; the CLI prints it). Files are opened relative to the work
+        tree without following anything, and the stat signature is taken from the open fd."""
+        skipped = on_skip or _log_skip
         total = IngestStats()
-        for p in paths:
-            ap = os.path.abspath(os.fspath(p))
-            if not os.path.lexists(ap):
-                rel = self._rel(ap)
-                with self.store.read() as t:
-                    tracked = self._index_entry(t, rel) is not None
-                    under = [q for q in self._staged(t) if q.startswith(rel + "/")]
-                head_paths = [q for q in self._head_paths() if q == rel or q.startswith(rel + "/")]
-                if not tracked and not under and not head_paths:
-                    raise PathNotFound(f"{os.fspath(p)}: no such file")
-                for q in head_paths or [rel]:
-                    self._stage(q, None)
-                continue
-            for fp in self._iter_worktree(ap):
-                rel = self._rel(fp)
-                st = os.stat(fp)
-                with self.store.read() as t:
-                    cached = t.get("index", _stat_key(rel))
-                    prev = self._index_entry(t, rel)
-                if cached is not None:
-                    c = json.loads(cached)
-                    if c["sig"] == _stat_sig(st):
-                        self._stage(rel, TreeEntry(bytes.fromhex(c["m"]), st.st_size,
-                                                   MODE_EXEC if st.st_mode & 0o111 else MODE_FILE))
-                        continue
-                with self.writing():
-                    entry, stats = self.ingest_file(fp, rel, prev, progress(rel) if progress else None)
-                    self._stage(rel, entry, st)
-                total.add(stats)
+        with WorkTree(self.root) as wt:
+            for p in paths:
+                if os.path.abspath(os.fspath(p)) == self.root:  # `add .` at the top: the whole work tree
+                    for frel, _ in wt.walk("", skipped):
+                        total.add(self._add_file(wt, frel, progress))
+                    continue
+                rel = self._rel(p)
+                try:
+                    st = wt.lstat(rel)
+                except UnsafePath as e:
+                    raise UnsafePath(f"{os.fspath(p)}: {e}") from None
+                k = kind(st)
+                if k == "missing":
+                    with self.store.read() as t:
+                        tracked = self._index_entry(t, rel) is not None
+                        under = [q for q in self._staged(t) if q.startswith(rel + "/")]
+                    head_paths = [q for q in self._head_paths() if q == rel or q.startswith(rel + "/")]
+                    if not tracked and not under and not head_paths:
+                        raise PathNotFound(f"{os.fspath(p)}: no such file")
+                    for q in head_paths or [rel]:
+                        self._stage(q, None)
+                    continue
+                if k == "symlink":
+                    raise InvalidPath(f"{os.fspath(p)}: is a symbolic link; symlinks are not stored "
+                                      "(add the file it points to instead)")
+                if k == "other":
+                    raise InvalidPath(f"{os.fspath(p)}: not a regular file or directory")
+                files = wt.walk(rel, skipped) if k == "dir" else iter([(rel, st)])
+                for frel, _ in files:
+                    total.add(self._add_file(wt, frel, progress))
         if total.pending and self.auto_repack:
             self.repack_soon()  # while the new versions' bytes are still in this process's cache
         return total
+
+    def _add_file(self, wt: WorkTree, rel: str, progress: Callable[[str], Progress | None] | None) -> IngestStats:
+        check_path(rel)
+        try:
+            fd, st = wt.open_read(rel)
+        except UnsafePath as e:
+            raise UnsafePath(f"{rel}: {e}") from None
+        try:
+            with self.store.read() as t:
+                cached = t.get("index", _stat_key(rel))
+                prev = self._index_entry(t, rel)
+            if cached is not None:
+                c = json.loads(cached)
+                if c["sig"] == _stat_sig(st):
+                    self._stage(rel, TreeEntry(bytes.fromhex(c["m"]), st.st_size,
+                                               MODE_EXEC if st.st_mode & 0o111 else MODE_FILE))
+                    return IngestStats()
+            with self.writing():
+                entry, stats = self.ingest_fd(fd, rel, prev, progress(rel) if progress else None)
+                self._stage(rel, entry, st)
+            return stats
+        finally:
+            os.close(fd)
 
     def _head_paths(self) -> list[str]:
         head = self.head()
@@ -672,25 +728,35 @@ class Repository:
         self._stage(path, entry, skip_worktree=entry is not None)
 
     def rm(self, paths: Iterable[str | os.PathLike[str]], cached: bool = False) -> list[str]:
-        """Stage removal of tracked files (and delete them from the work tree unless ``cached``)."""
+        """Stage removal of tracked files (and delete them from the work tree unless ``cached``).
+
+        Every path is checked before anything changes: one that goes through a symlinked
+        directory raises UnsafePath. A symlink at a tracked path is removed itself, never
+        its target (work-tree deletions go through :class:`WorkTree`)."""
         removed = []
         head_paths = set(self._head_paths())
-        for p in paths:
-            rel = self._rel(p)
-            with self.store.read() as t:
-                staged = set(self._staged(t))
-            targets = sorted(q for q in head_paths | staged if q == rel or q.startswith(rel + "/"))
-            if not targets:
-                raise PathNotFound(f"{os.fspath(p)}: not tracked")
-            for q in targets:
-                if q in head_paths:
-                    self._stage(q, None)
-                else:
-                    self.store.write(lambda t, q=q: t.delete("stage", _stage_key(q)))
-                fs = os.path.join(self.root, q)
-                if not cached and os.path.isfile(fs):
-                    os.unlink(fs)
-                removed.append(q)
+        plan: list[list[str]] = []
+        with WorkTree(self.root) as wt:
+            for p in paths:
+                rel = self._rel(p)
+                with self.store.read() as t:
+                    staged = set(self._staged(t))
+                targets = sorted(q for q in head_paths | staged if q == rel or q.startswith(rel + "/"))
+                if not targets:
+                    raise PathNotFound(f"{os.fspath(p)}: not tracked")
+                if not cached:
+                    for q in targets:
+                        wt.check_parents(q)
+                plan.append(targets)
+            for targets in plan:
+                for q in targets:
+                    if q in head_paths:
+                        self._stage(q, None)
+                    else:
+                        self.store.write(lambda t, q=q: t.delete("stage", _stage_key(q)))
+                    if not cached:
+                        wt.unlink(q)
+                    removed.append(q)
         return removed
 
     def save(self, obj: Any, path: str, format: str | None = None, metadata: dict[str, str] | None = None,
@@ -793,18 +859,30 @@ class Repository:
         return cid
 
     # ---------------------------------------------------------------- status & checkout
-    def _file_matches(self, t: Txn, fs_path: str, path: str, entry: TreeEntry, st: os.stat_result) -> bool:
-        if st.st_size != entry.size:
+    def _file_matches(self, t: Txn, wt: WorkTree, path: str, entry: TreeEntry, st: os.stat_result | None) -> bool:
+        """Whether the work-tree file at ``path`` (its lstat ``st``) holds ``entry``'s content:
+        the stat cache answers when the signature matches, else the file is hashed (opened
+        without following anything). A symlink or anything not a regular file never matches."""
+        if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
             return False
         cached = t.get("index", _stat_key(path))
         if cached is not None:
             c = json.loads(cached)
             if c["sig"] == _stat_sig(st):
                 return bytes.fromhex(c["m"]) == entry.manifest
-        return _hash_file(fs_path) == self.get_manifest(entry.manifest).file_hash
+        try:
+            fd, fst = wt.open_read(path)
+        except (FileNotFoundError, InvalidPath):
+            return False
+        try:
+            return fst.st_size == entry.size and _hash_fd(fd) == self.get_manifest(entry.manifest).file_hash
+        finally:
+            os.close(fd)
 
     def status(self) -> Status:
-        with self.store.read() as t:
+        """Staged, modified, deleted and untracked paths. Symlinks in the work tree are neither
+        followed nor listed."""
+        with WorkTree(self.root) as wt, self.store.read() as t:
             branch, head = self._head_ref(t)
             head_entries = self.get_tree(self.get_commit(head).tree).entries if head else {}
             staged = self._staged(t)
@@ -824,20 +902,28 @@ class Repository:
                         s.staged[p] = "modified"
                     index[p] = e
             seen = set()
-            for fp in self._iter_worktree(self.root):
-                rel = os.path.relpath(fp, self.root).replace(os.sep, "/")
+            for rel, st in wt.walk():
                 seen.add(rel)
                 e = index.get(rel)
                 if e is None:
                     s.untracked.append(rel)
-                elif not self._file_matches(t, fp, rel, e, os.stat(fp)):
+                elif not self._file_matches(t, wt, rel, e, st):
                     s.modified.append(rel)
             s.deleted = sorted(p for p in index if p not in seen and p not in skip)
         return s
 
     def checkout(self, rev: str, force: bool = False, progress: Callable[[str], Progress | None] | None = None
                  ) -> bytes:
-        """Switch HEAD to ``rev`` (a branch attaches; anything else detaches) and make the work tree match."""
+        """Switch HEAD to ``rev`` (a branch attaches; anything else detaches) and make the work tree match.
+
+        Safety (the repository may come from someone else; see docs/design.md, "The work
+        tree"): every work-tree change goes through :class:`WorkTree` (relative to directory
+        fds, nothing followed). Before changing anything, every path the checkout would
+        write or delete is checked: a symlink or a file where a directory must be, or a
+        directory where a file goes, refuses the whole checkout (``UnsafePath``, nothing
+        changed; ``force`` does not override it). A symlink (or FIFO, ...) at a file's own
+        path refuses too, unless ``force``: then the link itself is replaced or removed,
+        never what it points at."""
         with self.store.read() as t:
             is_branch = t.get("refs", refs.branch_key(rev)) is not None
             cur_branch, _ = self._head_ref(t)
@@ -852,31 +938,91 @@ class Repository:
             self.store.write(lambda t: t.put("refs", refs.HEAD,
                                              b"ref:" + refs.branch_key(rev) if is_branch else target))
             return target
-        if not force:
-            dirty = sorted(set(st.staged) | set(st.modified))
-            if dirty:
-                raise WouldOverwrite("checkout would overwrite uncommitted changes: " + ", ".join(dirty[:5])
-                                     + (" ..." if len(dirty) > 5 else "") + " (commit them, or use --force)")
-            clash = [p for p in st.untracked if p in target_entries]
-            with self.store.read() as t:
-                clash = [p for p in clash if not self._file_matches(t, os.path.join(self.root, p), p,
-                                                                    target_entries[p], os.stat(os.path.join(self.root, p)))]
-            if clash:
-                raise WouldOverwrite("checkout would overwrite untracked files: " + ", ".join(clash[:5]))
-        for p in head_entries:
-            if p not in target_entries:
-                fs = os.path.join(self.root, p)
-                if os.path.isfile(fs):
-                    os.unlink(fs)
-                _prune_empty_dirs(os.path.dirname(fs), self.root)
+        with WorkTree(self.root) as wt:
+            if not force:
+                dirty = sorted(set(st.staged) | set(st.modified))
+                if dirty:
+                    raise WouldOverwrite("checkout would overwrite uncommitted changes: " + ", ".join(dirty[:5])
+                                         + (" ..." if len(dirty) > 5 else "") + " (commit them, or use --force)")
+                with self.store.read() as t:
+                    clash = [p for p in st.untracked if p in target_entries
+                             and not self._file_matches(t, wt, p, target_entries[p], wt.lstat(p))]
+                if clash:
+                    raise WouldOverwrite("checkout would overwrite untracked files: " + ", ".join(clash[:5]))
+            deletions, writes = self._plan_checkout(wt, head_entries, target_entries, force)
+            job = {"version": 1, "from": st.head.hex() if st.head else None, "target": target.hex(),
+                   "branch": rev if is_branch else None, "force": force, "token": secrets.token_hex(8),
+                   "pid": os.getpid()}
+            self._run_checkout(wt, job, deletions, writes, progress)
+        return target
+
+    def _plan_checkout(self, wt: WorkTree, head_entries: Mapping[str, TreeEntry],
+                       target_entries: Mapping[str, TreeEntry], force: bool
+                       ) -> tuple[list[str], list[tuple[str, TreeEntry]]]:
+        """(paths to delete, entries to write), after checking every one of them against the
+        work tree; raises UnsafePath, with everything that is in the way, before any change."""
+        deletions = sorted(p for p in head_entries if p not in target_entries)
+        doomed = set(deletions)
+        problems: list[str] = []
+
+        def in_way(p: str, k: str) -> str:
+            what = {"symlink": "a symbolic link", "dir": "a directory"}.get(k, "not a regular file")
+            return f"{p} is {what}"
+
+        def doomed_parent(comp: str, k: str) -> bool:
+            # a parent that is not a directory: fine only as a tracked file this checkout deletes
+            return comp in doomed and (k == "file" or (force and k in ("symlink", "other")))
+
+        for p in deletions:
+            try:
+                whole = wt.check_parents(p)
+            except UnsafePath as e:
+                problems.append(str(e))
+                continue
+            k = kind(wt.lstat(p)) if whole else "missing"
+            if k in ("symlink", "other") and not force:
+                problems.append(in_way(p, k) + " where a tracked file was (--force removes it, never its target)")
+        for p, _e in sorted(target_entries.items()):
+            try:
+                whole = wt.check_parents(p, doomed_parent)
+            except UnsafePath as e:
+                problems.append(str(e))
+                continue
+            k = kind(wt.lstat(p)) if whole else "missing"
+            if k == "dir":
+                odd: list[str] = []  # symlinks, FIFOs, ...: never removed by a checkout
+                inside = [q for q, _ in wt.walk(p, on_skip=lambda q, _why, odd=odd: odd.append(q))]
+                if odd or not inside or any(q not in doomed for q in inside):
+                    problems.append(in_way(p, k))
+            elif k in ("symlink", "other") and not force:
+                problems.append(in_way(p, k) + " (--force replaces it, never its target)")
+        if problems:
+            raise UnsafePath("checkout refused, nothing was changed: " + "; ".join(problems[:5])
+                             + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+        return deletions, sorted(target_entries.items())
+
+    def _run_checkout(self, wt: WorkTree, job: dict[str, Any], deletions: list[str],
+                      writes: list[tuple[str, TreeEntry]], progress: Callable[[str], Progress | None] | None
+                      ) -> None:
+        """Apply a planned checkout."""
+        temp_prefix = f"{TEMP_PREFIX}{job['token']}-"
+        wt.remove_temp_files({p.rpartition("/")[0] for p, _ in writes}, temp_prefix)
+        for p in deletions:
+            wt.unlink(p)
+            wt.prune_empty_dirs(p)
         stat_updates: dict[str, tuple[list[int], bytes]] = {}
-        for p, e in sorted(target_entries.items()):
-            fs = os.path.join(self.root, p)
+        n = 0
+        for p, e in writes:
+            st = wt.lstat(p)
             with self.store.read() as t:
-                if os.path.isfile(fs) and self._file_matches(t, fs, p, e, os.stat(fs)):
+                if self._file_matches(t, wt, p, e, st):
                     continue
-            self._materialize(e, fs, progress(p) if progress else None)
-            stat_updates[p] = (_stat_sig(os.stat(fs)), e.manifest)
+            n += 1
+            blocks = self._blocks(e, p, progress(p) if progress else None)
+            new = wt.write_file(p, blocks, 0o755 if e.mode == MODE_EXEC else 0o644, f"{temp_prefix}{n}")
+            stat_updates[p] = (_stat_sig(new), e.manifest)
+        target = bytes.fromhex(job["target"])
+        branch = job.get("branch")
 
         def fn(t: Txn) -> None:
             for k in list(t.keys("stage")):
@@ -886,34 +1032,27 @@ class Repository:
             for p, (sig, m) in stat_updates.items():
                 key = _stat_key(p)
                 t.put("index", key, _path_value(STAT_PREFIX, key, p, {"sig": sig, "m": m.hex()}))
-            t.put("refs", refs.HEAD, b"ref:" + refs.branch_key(rev) if is_branch else target)
+            t.put("refs", refs.HEAD, b"ref:" + refs.branch_key(branch) if branch else target)
 
         self.store.write(fn)
-        return target
 
-    def _materialize(self, e: TreeEntry, fs: str, progress: Progress | None) -> None:
-        os.makedirs(os.path.dirname(fs), exist_ok=True)
-        tmp = f"{fs}.coralfs-tmp-{os.getpid()}"
+    def _blocks(self, e: TreeEntry, path: str, progress: Progress | None) -> Iterator[bytes]:
+        """A file's content in blocks, verified: raises at the end (before the file is renamed
+        into place) if the rebuilt bytes do not match the recorded hash."""
         view = self.file_view(e.manifest)
         h = hasher()
-        try:
-            with open(tmp, "wb") as out:
-                pos = 0
-                while pos < view.size:
-                    block = view.pread(pos, 8 << 20)
-                    h.update(block)
-                    out.write(block)
-                    pos += len(block)
-                    if progress:
-                        progress(pos, view.size)
-            if h.digest() != view.manifest.file_hash:
-                raise CoralError(f"{fs}: rebuilt file does not match its recorded hash")
-            os.chmod(tmp, 0o755 if e.mode == MODE_EXEC else 0o644)
-            os.replace(tmp, fs)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        pos = 0
+        while pos < view.size:
+            block = view.pread(pos, 8 << 20)
+            if not block:
+                raise IntegrityError(f"{path}: rebuilt file ends at {pos} bytes, expected {view.size}")
+            h.update(block)
+            yield block
+            pos += len(block)
+            if progress:
+                progress(pos, view.size)
+        if h.digest() != view.manifest.file_hash:
+            raise IntegrityError(f"{path}: rebuilt file does not match its recorded hash")
 
     # ---------------------------------------------------------------- stats
     def reachable_commits(self) -> set[bytes]:
@@ -987,29 +1126,20 @@ class Repository:
 
 def _check_tree_paths(entries: Mapping[str, TreeEntry]) -> None:
     """A path cannot be both a file and a directory."""
-    dirs = set()
-    for p in entries:
-        d = p.rsplit("/", 1)[0] if "/" in p else ""
-        while d and d not in dirs:
-            dirs.add(d)
-            d = d.rsplit("/", 1)[0] if "/" in d else ""
-    clash = dirs & set(entries)
-    if clash:
-        raise InvalidArgument(f"path is both a file and a directory: {sorted(clash)[0]}")
+    clash = path_clash(entries)
+    if clash is not None:
+        raise InvalidArgument(f"path is both a file and a directory: {clash}")
 
 
-def _hash_file(path: str) -> bytes:
+def _hash_fd(fd: int) -> bytes:
     h = hasher()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
+    for block in read_blocks(fd):
+        h.update(block)
     return h.digest()
 
 
-def _prune_empty_dirs(d: str, root: str) -> None:
-    while os.path.abspath(d) != os.path.abspath(root) and os.path.isdir(d) and not os.listdir(d):
-        os.rmdir(d)
-        d = os.path.dirname(d)
+def _log_skip(path: str, reason: str) -> None:
+    log.warning("skipped %s: %s", path, reason)
 
 
 def serialize_checkpoint(obj: Any, fmt: str, metadata: dict[str, str] | None = None) -> bytes:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from coralfs import cli, refs
-from coralfs.errors import FormatError, InvalidPath, NameTooLong
+from coralfs.errors import FormatError, InvalidPath, NameTooLong, UnsafePath
 from coralfs.fsck import fsck
 from coralfs.gc import gc
 from coralfs.hashing import digest
@@ -254,6 +254,8 @@ ODD_PATHS = {
     "non-utf8": b"caf\xe9/\xff\xfe-weights.bin",
     "300-bytes": b"p" * 150 + b"/" + b"q" * 149,
     "600-bytes": b"/".join([b"r" * 199, b"s" * 199, b"t" * 200]),
+    "4000-bytes": b"/".join([b"u" * 249] * 15 + [b"\xe9" * 250]),
+    "255-byte-non-utf8-name": b"\xff" * 255,
 }
 
 
@@ -341,3 +343,170 @@ def test_cli_non_utf8_name(repo, tmp_path):
     assert r.returncode == 0 and b"added:     caf\xe9.bin\n" in r.stdout, r
     assert coralfs("commit", "-m", "odd", cwd=repo.root).returncode == 0
     assert b"caf\xe9.bin" in coralfs("ls", "HEAD", cwd=repo.root).stdout
+
+
+# ------------------------------------------------------------------ hostile work trees
+def _main_and_branch(repo: Repository) -> None:
+    """main: keep.bin; branch b: keep.bin, d/secret.txt, d/sub/x.bin."""
+    commit_files(repo, {"keep.bin": b"k"}, "main")
+    repo.create_branch("b")
+    repo.checkout("b")
+    commit_files(repo, {"d/secret.txt": b"from the repo", "d/sub/x.bin": b"x"}, "b")
+    repo.checkout("main")
+    assert not os.path.exists(os.path.join(repo.root, "d"))
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_checkout_refuses_to_write_through_a_symlinked_directory(repo, tmp_path, outside, force):
+    _main_and_branch(repo)
+    os.symlink(outside, os.path.join(repo.root, "d"))
+    before = outside_state(tmp_path)
+    with pytest.raises(UnsafePath, match="d is a symbolic link"):
+        repo.checkout("b", force=force)
+    assert outside_state(tmp_path) == before
+    assert (outside / "secret.txt").read_bytes() == b"not yours"
+    assert repo.current_branch() == "main"
+    os.unlink(os.path.join(repo.root, "d"))
+    repo.checkout("b")
+    assert Path(repo.root, "d", "secret.txt").read_bytes() == b"from the repo"
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_checkout_refuses_to_delete_through_a_symlinked_directory(repo, tmp_path, outside, force):
+    _main_and_branch(repo)
+    repo.checkout("b")
+    # the user moves d away and puts a symlink to a directory with same-named files in its place
+    os.rename(os.path.join(repo.root, "d"), tmp_path / "moved")
+    (outside / "sub").mkdir()
+    (outside / "sub" / "x.bin").write_bytes(b"x")
+    os.symlink(outside, os.path.join(repo.root, "d"))
+    before = outside_state(tmp_path)
+    with pytest.raises(UnsafePath, match="symbolic link"):
+        repo.checkout("main", force=force)
+    assert outside_state(tmp_path) == before
+    assert (outside / "victim.txt").exists() and (outside / "sub" / "x.bin").exists()
+    assert repo.current_branch() == "b"
+
+
+def test_symlink_at_a_file_path_refused_unless_force_then_replaced_not_followed(repo, tmp_path, outside):
+    commit_files(repo, {"a.bin": b"one"}, "one")
+    repo.create_branch("two")
+    repo.checkout("two")
+    commit_files(repo, {"a.bin": b"two"}, "two")
+    os.unlink(os.path.join(repo.root, "a.bin"))
+    os.symlink(outside / "victim.txt", os.path.join(repo.root, "a.bin"))
+    before = outside_state(tmp_path)
+    with pytest.raises(UnsafePath, match="a.bin is a symbolic link"):
+        repo.checkout("main")
+    assert outside_state(tmp_path) == before and repo.current_branch() == "two"
+    repo.checkout("main", force=True)
+    assert outside_state(tmp_path) == before  # the link's target is untouched
+    assert not os.path.islink(os.path.join(repo.root, "a.bin"))
+    assert Path(repo.root, "a.bin").read_bytes() == b"one" and repo.status().clean
+
+
+def test_untracked_file_where_a_directory_must_go_refuses_before_any_change(repo):
+    _main_and_branch(repo)
+    Path(repo.root, "d").write_bytes(b"mine")  # untracked file in the way of d/
+    Path(repo.root, "keep.bin").write_bytes(b"k")
+    with pytest.raises(UnsafePath, match="is a file, not a directory"):
+        repo.checkout("b", force=True)
+    assert Path(repo.root, "d").read_bytes() == b"mine" and repo.current_branch() == "main"
+
+
+def test_symlink_swapped_in_during_checkout_is_never_followed(repo, tmp_path, outside):
+    _main_and_branch(repo)
+    moved = tmp_path / "moved"
+
+    def progress(path: str):
+        if path == "d/sub/x.bin":  # d/secret.txt is written; now d becomes a link to outside
+            os.rename(os.path.join(repo.root, "d"), moved)
+            os.symlink(outside, os.path.join(repo.root, "d"))
+        return None
+
+    before = outside_state(tmp_path)
+    with pytest.raises(UnsafePath, match="d is a symbolic link"):
+        repo.checkout("b", progress=progress)
+    after = outside_state(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("moved")} == {
+        k: v for k, v in before.items()}
+    assert (outside / "secret.txt").read_bytes() == b"not yours" and not (outside / "sub").exists()
+    os.unlink(os.path.join(repo.root, "d"))
+    repo.checkout("b", force=True)
+    assert Path(repo.root, "d", "sub", "x.bin").read_bytes() == b"x" and repo.status().clean
+
+
+# ------------------------------------------------------------------ add / rm / import never read outside
+def test_add_refuses_symlinks_and_never_stores_their_targets(repo, tmp_path, outside):
+    root = Path(repo.root)
+    os.symlink(outside / "secret.txt", root / "link.txt")
+    (root / "dir").mkdir()
+    os.symlink(outside, root / "dir" / "out")
+    (root / "dir" / "real.bin").write_bytes(b"real")
+    with pytest.raises(InvalidPath, match="link.txt: is a symbolic link; symlinks are not stored"):
+        repo.add([root / "link.txt"])
+    with pytest.raises(UnsafePath, match="dir/out is a symbolic link"):
+        repo.add([root / "dir" / "out" / "secret.txt"])
+    skipped: list[tuple[str, str]] = []
+    repo.add([root / "dir"], on_skip=lambda p, why: skipped.append((p, why)))
+    assert skipped == [("dir/out", "symbolic link (not stored)")]
+    repo.add([root], on_skip=lambda p, why: skipped.append((p, why)))  # `add .`
+    assert ("link.txt", "symbolic link (not stored)") in skipped
+    assert repo.status().staged == {"dir/real.bin": "added"}
+    cid = repo.commit("no links")
+    assert set(repo.ls(cid)) == {"dir/real.bin"}
+
+
+def test_add_reads_the_file_it_checked_not_a_swapped_in_symlink(repo, outside, monkeypatch):
+    from coralfs.worktree_fs import WorkTree
+
+    target = Path(repo.root, "model.bin")
+    target.write_bytes(b"mine")
+    real_open = WorkTree.open_read
+
+    def swap_then_open(self, path):  # the file is checked (lstat), then swapped for a link, then opened
+        os.unlink(target)
+        os.symlink(outside / "secret.txt", target)
+        return real_open(self, path)
+
+    monkeypatch.setattr(WorkTree, "open_read", swap_then_open)
+    with pytest.raises(InvalidPath, match="symbolic link"):
+        repo.add([target])
+    with repo.store.read() as t:
+        assert list(t.items("stage")) == []
+
+
+def test_rm_refuses_a_path_through_a_symlinked_directory(repo, tmp_path, outside):
+    commit_files(repo, {"d/victim.txt": b"tracked"}, "d")
+    os.rename(os.path.join(repo.root, "d"), tmp_path / "moved")
+    os.symlink(outside, os.path.join(repo.root, "d"))
+    before = outside_state(tmp_path)
+    with pytest.raises(UnsafePath):
+        repo.rm([os.path.join(repo.root, "d", "victim.txt")])
+    with pytest.raises(UnsafePath):
+        repo.rm([os.path.join(repo.root, "d")])
+    assert outside_state(tmp_path) == before and (outside / "victim.txt").read_bytes() == b"precious"
+    assert repo.status().staged == {}
+    assert repo.rm([os.path.join(repo.root, "d")], cached=True) == ["d/victim.txt"]  # the index only
+
+
+def test_cli_add_and_import_warn_about_symlinks(repo, tmp_path, outside):
+    root = Path(repo.root)
+    (root / "dir").mkdir()
+    (root / "dir" / "a.bin").write_bytes(b"a")
+    os.symlink(outside / "secret.txt", root / "dir" / "s.txt")
+    r = coralfs("add", "dir", cwd=root)
+    assert r.returncode == 0 and b"warning: skipped dir/s.txt: symbolic link" in r.stderr, r
+    r = coralfs("add", "dir/s.txt", cwd=root)
+    assert r.returncode == 2 and b"symlinks are not stored" in r.stderr, r
+    assert coralfs("commit", "-m", "a", cwd=root).returncode == 0
+    src = tmp_path / "model"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_bytes(b"{}")
+    os.symlink(outside / "secret.txt", src / "tokenizer.json")
+    os.symlink(outside, src / "sub" / "linked")
+    r = coralfs("import", str(src), "-m", "import", "--no-checkout", cwd=root)
+    assert r.returncode == 0, r
+    assert b"skipped" in r.stderr and b"tokenizer.json" in r.stderr and b"linked" in r.stderr
+    with Repository(root) as again:
+        assert set(again.ls("main")) == {"dir/a.bin", "config.json"}

@@ -72,6 +72,11 @@ def info(args: argparse.Namespace, text: str) -> None:
         print(text, file=sys.stdout)
 
 
+def warn(text: str) -> None:
+    """A warning line on stderr (never silenced: something was not done)."""
+    print(f"{PROG}: warning: {text}", file=sys.stderr)
+
+
 def print_json(value: Any) -> None:
     json.dump(value, sys.stdout, indent=2, sort_keys=True, ensure_ascii=False)
     sys.stdout.write("\n")

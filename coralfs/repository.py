@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import getpass
 import heapq
 import io
@@ -18,6 +19,7 @@ import mmap
 import os
 import re
 import secrets
+import signal
 import socket
 import stat
 import threading
@@ -72,6 +74,16 @@ _HEX = re.compile(r"^[0-9a-f]{4,64}$")
 
 Changes = Mapping[str, "TreeEntry | None"]
 log = logging.getLogger(__name__)
+
+#: The journal of a checkout in progress (``.coralfs/checkout.json``): written atomically
+#: before the work tree is touched, removed once HEAD has moved. See ``Repository.checkout``.
+JOURNAL = "checkout.json"
+CHECKOUT_LOCK = "checkout.lock"
+#: Test hook: ``CORALFS_CHECKOUT_KILL_AT=POINT[:N]`` sends SIGKILL to this process at the N-th
+#: (default 1st) event of POINT: ``journal`` (journal written, nothing changed yet), ``change``
+#: (a work-tree file written or deleted), ``temp`` (a temp file half written: after its first
+#: block), ``refs`` (HEAD moved, journal not yet removed).
+KILL_ENV = "CORALFS_CHECKOUT_KILL_AT"
 
 # LMDB keys that carry a path (coralfs.keys: fsencode'd, hashed when long)
 STAGE_PREFIX = b""  # the ``stage`` database
@@ -169,6 +181,7 @@ class Repository:
         self._repack_again = False
         self._repack_stop = threading.Event()
         self._repack_error: BaseException | None = None
+        self._checkout_local = threading.local()
 
     # ---------------------------------------------------------------- gc interlock
     def writing(self) -> contextlib.AbstractContextManager[None]:
@@ -633,6 +646,7 @@ class Repository:
         directory is skipped and reported to ``on_skip(path, reason)`` (default: a warning
         on this module's logger; the CLI prints it). Files are opened relative to the work
         tree without following anything, and the stat signature is taken from the open fd."""
+        self.recover_checkout()
         skipped = on_skip or _log_skip
         total = IngestStats()
         with WorkTree(self.root) as wt:
@@ -725,6 +739,7 @@ class Repository:
 
     def stage_entry(self, path: str, entry: TreeEntry | None) -> None:
         """Stage an already-ingested entry (or a deletion) without touching the work tree."""
+        self.recover_checkout()  # its end clears the stage: finish it before staging anything
         self._stage(path, entry, skip_worktree=entry is not None)
 
     def rm(self, paths: Iterable[str | os.PathLike[str]], cached: bool = False) -> list[str]:
@@ -733,6 +748,7 @@ class Repository:
         Every path is checked before anything changes: one that goes through a symlinked
         directory raises UnsafePath. A symlink at a tracked path is removed itself, never
         its target (work-tree deletions go through :class:`WorkTree`)."""
+        self.recover_checkout()
         removed = []
         head_paths = set(self._head_paths())
         plan: list[list[str]] = []
@@ -767,6 +783,8 @@ class Repository:
         written to the work tree (``checkout`` materialises it). With ``stage=False`` the
         file is only stored; pass the returned entry to ``commit_changes``."""
         path = check_path(path)
+        if stage:
+            self.recover_checkout()  # its end clears the stage: finish it before staging anything
         fmt = format or ("safetensors" if path.endswith(".safetensors") else "pt")
         data = serialize_checkpoint(obj, fmt, metadata)
         if prev is None:
@@ -784,6 +802,7 @@ class Repository:
                meta: Mapping[str, str] | None = None, author: str | None = None, allow_empty: bool = False
                ) -> bytes:
         """Commit the staged changes on the current branch (or detached HEAD)."""
+        self.recover_checkout()
         with self.store.read() as t:
             staged_raw = list(t.items("stage"))
         changes: dict[str, TreeEntry | None] = {}
@@ -880,8 +899,12 @@ class Repository:
             os.close(fd)
 
     def status(self) -> Status:
-        """Staged, modified, deleted and untracked paths. Symlinks in the work tree are neither
-        followed nor listed."""
+        """Staged, modified, deleted and untracked paths. Finishes an interrupted checkout first
+        (``recover_checkout``). Symlinks in the work tree are neither followed nor listed."""
+        self.recover_checkout()
+        return self._status()
+
+    def _status(self) -> Status:
         with WorkTree(self.root) as wt, self.store.read() as t:
             branch, head = self._head_ref(t)
             head_entries = self.get_tree(self.get_commit(head).tree).entries if head else {}
@@ -923,37 +946,87 @@ class Repository:
         directory where a file goes, refuses the whole checkout (``UnsafePath``, nothing
         changed; ``force`` does not override it). A symlink (or FIFO, ...) at a file's own
         path refuses too, unless ``force``: then the link itself is replaced or removed,
-        never what it points at."""
-        with self.store.read() as t:
-            is_branch = t.get("refs", refs.branch_key(rev)) is not None
-            cur_branch, _ = self._head_ref(t)
-        if rev in ("HEAD", "@"):  # like git: checking out HEAD keeps the current branch attached
-            rev, is_branch = (cur_branch, True) if cur_branch else (rev, False)
-        target = self.resolve(rev)
-        target_entries = self.tree(target).entries
-        st = self.status()
-        head_entries = self.tree(st.head).entries if st.head else {}
-        if head_entries == target_entries and not force:
-            # same content: move HEAD only; staged and work-tree changes carry over (as git does)
-            self.store.write(lambda t: t.put("refs", refs.HEAD,
-                                             b"ref:" + refs.branch_key(rev) if is_branch else target))
-            return target
+        never what it points at.
+
+        Resumable: a journal (``.coralfs/checkout.json``: from, target, branch, temp-file
+        token) is written atomically before the first change and removed after HEAD moved.
+        If the process dies in between, the next command that uses the work tree (status,
+        add, rm, commit, save, checkout) finishes this checkout first (``recover_checkout``)."""
+        with self._checkout_lock():
+            self._resume_checkout()
+            with self.store.read() as t:
+                is_branch = t.get("refs", refs.branch_key(rev)) is not None
+                cur_branch, _ = self._head_ref(t)
+            if rev in ("HEAD", "@"):  # like git: checking out HEAD keeps the current branch attached
+                rev, is_branch = (cur_branch, True) if cur_branch else (rev, False)
+            target = self.resolve(rev)
+            target_entries = self.tree(target).entries
+            st = self._status()
+            head_entries = self.tree(st.head).entries if st.head else {}
+            if head_entries == target_entries and not force:
+                # same content: move HEAD only; staged and work-tree changes carry over (as git does)
+                self.store.write(lambda t: t.put("refs", refs.HEAD,
+                                                 b"ref:" + refs.branch_key(rev) if is_branch else target))
+                return target
+            with WorkTree(self.root) as wt:
+                if not force:
+                    dirty = sorted(set(st.staged) | set(st.modified))
+                    if dirty:
+                        raise WouldOverwrite("checkout would overwrite uncommitted changes: " + ", ".join(dirty[:5])
+                                             + (" ..." if len(dirty) > 5 else "") + " (commit them, or use --force)")
+                    with self.store.read() as t:
+                        clash = [p for p in st.untracked if p in target_entries
+                                 and not self._file_matches(t, wt, p, target_entries[p], wt.lstat(p))]
+                    if clash:
+                        raise WouldOverwrite("checkout would overwrite untracked files: " + ", ".join(clash[:5]))
+                try:
+                    deletions, writes = self._plan_checkout(wt, head_entries, target_entries, force)
+                except UnsafePath as e:
+                    raise UnsafePath(f"checkout refused, nothing was changed: {e}") from None
+                job = {"version": 1, "from": st.head.hex() if st.head else None, "target": target.hex(),
+                       "branch": rev if is_branch else None, "force": force, "token": secrets.token_hex(8),
+                       "pid": os.getpid()}
+                self._write_journal(job)
+                try:
+                    self._run_checkout(wt, job, deletions, writes, progress)
+                except UnsafePath as e:  # something was swapped in after the plan: never followed
+                    raise UnsafePath(f"checkout stopped halfway: {e}; remove it, then any coralfs command "
+                                     "that uses the work tree finishes the checkout") from None
+        return target
+
+    def recover_checkout(self) -> bytes | None:
+        """Finish a checkout that was interrupted (its process killed): remove its temp files,
+        bring every path it touches to the target, move HEAD, drop the journal. Returns the
+        commit it finished at, or None when there was nothing to finish. Paths the
+        interrupted checkout touches become the target's (files of the old HEAD that the
+        target lacks are removed), as the checkout would have made them; other files are
+        left alone. Raises like ``checkout`` (e.g. ``UnsafePath``) if it still cannot."""
+        if not os.path.exists(os.path.join(self.control, JOURNAL)):
+            return None
+        with self._checkout_lock():
+            return self._resume_checkout()
+
+    def _resume_checkout(self) -> bytes | None:
+        job = self._read_journal()
+        if job is None:
+            return None
+        old = bytes.fromhex(job["from"]) if job.get("from") else None
+        target = bytes.fromhex(job["target"])
+        label = job.get("branch") or target.hex()[:12]
+        try:
+            head_entries = self.tree(old).entries if old else {}
+            target_entries = self.tree(target).entries
+        except CoralError as e:
+            raise type(e)(f"an interrupted checkout of {label} cannot be finished: {e} "
+                          f"(to give it up, remove {os.path.join(self.control, JOURNAL)})") from e
+        log.warning("finishing an interrupted checkout of %s", label)
         with WorkTree(self.root) as wt:
-            if not force:
-                dirty = sorted(set(st.staged) | set(st.modified))
-                if dirty:
-                    raise WouldOverwrite("checkout would overwrite uncommitted changes: " + ", ".join(dirty[:5])
-                                         + (" ..." if len(dirty) > 5 else "") + " (commit them, or use --force)")
-                with self.store.read() as t:
-                    clash = [p for p in st.untracked if p in target_entries
-                             and not self._file_matches(t, wt, p, target_entries[p], wt.lstat(p))]
-                if clash:
-                    raise WouldOverwrite("checkout would overwrite untracked files: " + ", ".join(clash[:5]))
-            deletions, writes = self._plan_checkout(wt, head_entries, target_entries, force)
-            job = {"version": 1, "from": st.head.hex() if st.head else None, "target": target.hex(),
-                   "branch": rev if is_branch else None, "force": force, "token": secrets.token_hex(8),
-                   "pid": os.getpid()}
-            self._run_checkout(wt, job, deletions, writes, progress)
+            try:
+                deletions, writes = self._plan_checkout(wt, head_entries, target_entries, bool(job.get("force")))
+                self._run_checkout(wt, job, deletions, writes, None)
+            except UnsafePath as e:
+                raise UnsafePath(f"an interrupted checkout of {label} cannot be finished: {e}; remove it, "
+                                 "then any coralfs command that uses the work tree finishes the checkout") from None
         return target
 
     def _plan_checkout(self, wt: WorkTree, head_entries: Mapping[str, TreeEntry],
@@ -997,18 +1070,21 @@ class Repository:
             elif k in ("symlink", "other") and not force:
                 problems.append(in_way(p, k) + " (--force replaces it, never its target)")
         if problems:
-            raise UnsafePath("checkout refused, nothing was changed: " + "; ".join(problems[:5])
+            raise UnsafePath("; ".join(problems[:5])
                              + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
         return deletions, sorted(target_entries.items())
 
     def _run_checkout(self, wt: WorkTree, job: dict[str, Any], deletions: list[str],
                       writes: list[tuple[str, TreeEntry]], progress: Callable[[str], Progress | None] | None
                       ) -> None:
-        """Apply a planned checkout."""
+        """Apply a planned (and journaled) checkout; idempotent, so a rerun finishes a killed one."""
+        kill = _KillHook()
+        kill.step("journal")
         temp_prefix = f"{TEMP_PREFIX}{job['token']}-"
         wt.remove_temp_files({p.rpartition("/")[0] for p, _ in writes}, temp_prefix)
         for p in deletions:
-            wt.unlink(p)
+            if wt.unlink(p):
+                kill.step("change")
             wt.prune_empty_dirs(p)
         stat_updates: dict[str, tuple[list[int], bytes]] = {}
         n = 0
@@ -1018,9 +1094,10 @@ class Repository:
                 if self._file_matches(t, wt, p, e, st):
                     continue
             n += 1
-            blocks = self._blocks(e, p, progress(p) if progress else None)
+            blocks = self._blocks(e, p, progress(p) if progress else None, kill)
             new = wt.write_file(p, blocks, 0o755 if e.mode == MODE_EXEC else 0o644, f"{temp_prefix}{n}")
             stat_updates[p] = (_stat_sig(new), e.manifest)
+            kill.step("change")
         target = bytes.fromhex(job["target"])
         branch = job.get("branch")
 
@@ -1035,8 +1112,11 @@ class Repository:
             t.put("refs", refs.HEAD, b"ref:" + refs.branch_key(branch) if branch else target)
 
         self.store.write(fn)
+        kill.step("refs")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.control, JOURNAL))
 
-    def _blocks(self, e: TreeEntry, path: str, progress: Progress | None) -> Iterator[bytes]:
+    def _blocks(self, e: TreeEntry, path: str, progress: Progress | None, kill: _KillHook) -> Iterator[bytes]:
         """A file's content in blocks, verified: raises at the end (before the file is renamed
         into place) if the rebuilt bytes do not match the recorded hash."""
         view = self.file_view(e.manifest)
@@ -1051,8 +1131,63 @@ class Repository:
             pos += len(block)
             if progress:
                 progress(pos, view.size)
+            kill.step("temp")
         if h.digest() != view.manifest.file_hash:
             raise IntegrityError(f"{path}: rebuilt file does not match its recorded hash")
+
+    @contextlib.contextmanager
+    def _checkout_lock(self) -> Iterator[None]:
+        """One checkout (or recovery) per work tree at a time (flock on ``.coralfs/checkout.lock``;
+        re-entrant within a thread). Another process holding it: ConcurrentUpdate."""
+        if getattr(self._checkout_local, "held", False):
+            yield
+            return
+        fd = os.open(os.path.join(self.control, CHECKOUT_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConcurrentUpdate("another process is checking out in this work tree "
+                                       "(try again when it has finished)") from None
+            self._checkout_local.held = True
+            try:
+                yield
+            finally:
+                self._checkout_local.held = False
+        finally:
+            os.close(fd)
+
+    def _write_journal(self, job: dict[str, Any]) -> None:
+        """Write the journal atomically and durably (temp, fsync, rename, fsync of the directory)."""
+        path = os.path.join(self.control, JOURNAL)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, json.dumps(job, sort_keys=True).encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(self.control, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _read_journal(self) -> dict[str, Any] | None:
+        try:
+            with open(os.path.join(self.control, JOURNAL), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None
+        try:
+            job = json.loads(raw)
+            bytes.fromhex(job["target"]), bytes.fromhex(job["token"])
+            if job.get("branch") is not None:
+                refs.check_ref_name(job["branch"])
+        except (ValueError, KeyError, TypeError, CoralError) as e:
+            raise FormatError(f"unreadable checkout journal {os.path.join(self.control, JOURNAL)}: {e}") from e
+        return job
 
     # ---------------------------------------------------------------- stats
     def reachable_commits(self) -> set[bytes]:
@@ -1140,6 +1275,23 @@ def _hash_fd(fd: int) -> bytes:
 
 def _log_skip(path: str, reason: str) -> None:
     log.warning("skipped %s: %s", path, reason)
+
+
+class _KillHook:
+    """``CORALFS_CHECKOUT_KILL_AT=POINT[:N]`` (test hook): SIGKILL at the N-th event of POINT."""
+
+    def __init__(self) -> None:
+        spec = os.environ.get(KILL_ENV, "")
+        point, _, n = spec.partition(":")
+        self.point = point
+        self.left = int(n) if n else 1
+
+    def step(self, point: str) -> None:
+        if point != self.point:
+            return
+        self.left -= 1
+        if self.left <= 0:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def serialize_checkpoint(obj: Any, fmt: str, metadata: dict[str, str] | None = None) -> bytes:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +26,7 @@ from coralfs.fsck import fsck
 from coralfs.gc import gc
 from coralfs.hashing import digest
 from coralfs.objects import TYPE_TREE, Commit, Tree, TreeEntry, check_path, deserialize
-from coralfs.repository import Repository
+from coralfs.repository import JOURNAL, Repository
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -365,7 +367,7 @@ def test_checkout_refuses_to_write_through_a_symlinked_directory(repo, tmp_path,
         repo.checkout("b", force=force)
     assert outside_state(tmp_path) == before
     assert (outside / "secret.txt").read_bytes() == b"not yours"
-    assert repo.current_branch() == "main"
+    assert repo.current_branch() == "main" and not os.path.exists(os.path.join(repo.control, JOURNAL))
     os.unlink(os.path.join(repo.root, "d"))
     repo.checkout("b")
     assert Path(repo.root, "d", "secret.txt").read_bytes() == b"from the repo"
@@ -431,9 +433,15 @@ def test_symlink_swapped_in_during_checkout_is_never_followed(repo, tmp_path, ou
     assert {k: v for k, v in after.items() if not k.startswith("moved")} == {
         k: v for k, v in before.items()}
     assert (outside / "secret.txt").read_bytes() == b"not yours" and not (outside / "sub").exists()
+    # the checkout stays pending: every work-tree command tries to finish it, and refuses while d is a link
+    assert os.path.exists(os.path.join(repo.control, JOURNAL))
+    with pytest.raises(UnsafePath):
+        repo.status()
     os.unlink(os.path.join(repo.root, "d"))
-    repo.checkout("b", force=True)
-    assert Path(repo.root, "d", "sub", "x.bin").read_bytes() == b"x" and repo.status().clean
+    st = repo.status()  # finishes the checkout
+    assert st.branch == "b" and st.clean and not st.untracked, st
+    assert Path(repo.root, "d", "sub", "x.bin").read_bytes() == b"x"
+    assert not os.path.exists(os.path.join(repo.control, JOURNAL))
 
 
 # ------------------------------------------------------------------ add / rm / import never read outside
@@ -510,3 +518,98 @@ def test_cli_add_and_import_warn_about_symlinks(repo, tmp_path, outside):
     assert b"skipped" in r.stderr and b"tokenizer.json" in r.stderr and b"linked" in r.stderr
     with Repository(root) as again:
         assert set(again.ls("main")) == {"dir/a.bin", "config.json"}
+
+
+# ------------------------------------------------------------------ killed checkout
+def _tree_hashes(repo: Repository, rev: str) -> dict[str, str]:
+    out = {}
+    for p in repo.ls(rev):
+        with repo.open(rev, p) as f:
+            out[p] = _sha(f.read())
+    return out
+
+
+def _worktree_hashes(root: str) -> dict[str, str]:
+    return {k: v for k, v in snapshot(Path(root)).items()
+            if not k.startswith(".coralfs") and v != "dir"}
+
+
+@pytest.fixture
+def two_branches(tmp_path) -> str:
+    """main: 6 files; b: 4 of them changed, 2 deleted, 3 new (files of several pieces)."""
+    root = tmp_path / "repo"
+    with Repository.init(root) as repo:
+        commit_files(repo, {f"m/{i}.bin": os.urandom(200_000) for i in range(6)}, "main")
+        repo.create_branch("b")
+        repo.checkout("b")
+        for i in range(2):
+            os.unlink(root / "m" / f"{i}.bin")
+        repo.add([root / "m" / f"{i}.bin" for i in range(2)])
+        commit_files(repo, {**{f"m/{i}.bin": os.urandom(150_000) for i in range(2, 6)},
+                            **{f"n/{i}.bin": os.urandom(100_000) for i in range(3)}}, "b")
+        repo.checkout("main")
+    return str(root)
+
+
+@pytest.mark.parametrize("point", ["journal", "change:1", "change:3", "change:6", "temp:1", "temp:4", "refs"])
+@pytest.mark.parametrize("rerun", ["checkout", "status"])
+def test_killed_checkout_is_finished_by_the_next_command(two_branches, point, rerun):
+    root = two_branches
+    r = coralfs("checkout", "b", cwd=root, env={"CORALFS_CHECKOUT_KILL_AT": point})
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+    assert os.path.exists(os.path.join(root, ".coralfs", JOURNAL))
+    r = coralfs(rerun, *(["b"] if rerun == "checkout" else []), cwd=root)
+    assert r.returncode == 0, r.stderr
+    with Repository(root) as repo:
+        assert repo.current_branch() == "b"
+        assert _worktree_hashes(root) == _tree_hashes(repo, "b")
+        st = repo.status()
+        assert st.clean and not st.untracked, st
+    leftovers = [p for p in snapshot(Path(root)) if ".coralfs-tmp" in p]
+    assert leftovers == [] and not os.path.exists(os.path.join(root, ".coralfs", JOURNAL))
+
+
+def test_temp_files_are_left_by_a_kill_and_removed_by_the_rerun(two_branches):
+    root = two_branches
+    r = coralfs("checkout", "b", cwd=root, env={"CORALFS_CHECKOUT_KILL_AT": "temp:2"})
+    assert r.returncode == -signal.SIGKILL
+    temps = [p for p in snapshot(Path(root)) if os.path.basename(p).startswith(".coralfs-tmp-")]
+    assert len(temps) == 1
+    st = os.stat(os.path.join(root, temps[0]))
+    assert stat.S_ISREG(st.st_mode)
+    assert coralfs("checkout", "main", cwd=root).returncode == 0  # another target: finishes b first
+    with Repository(root) as repo:
+        assert repo.current_branch() == "main" and _worktree_hashes(root) == _tree_hashes(repo, "main")
+        assert [log[1].message for log in repo.log("HEAD")] == ["main"]
+    assert not [p for p in snapshot(Path(root)) if ".coralfs-tmp" in p]
+
+
+def test_a_killed_recovery_is_recovered_the_same_way(two_branches):
+    root = two_branches
+    assert coralfs("checkout", "b", cwd=root, env={"CORALFS_CHECKOUT_KILL_AT": "change:2"}).returncode == -signal.SIGKILL
+    r = coralfs("status", cwd=root, env={"CORALFS_CHECKOUT_KILL_AT": "temp:2"})  # the recovery dies too
+    assert r.returncode == -signal.SIGKILL
+    r = coralfs("add", ".", cwd=root)  # any work-tree command finishes it
+    assert r.returncode == 0, r.stderr
+    with Repository(root) as repo:
+        assert repo.current_branch() == "b" and _worktree_hashes(root) == _tree_hashes(repo, "b")
+        assert repo.status().clean
+    assert not [p for p in snapshot(Path(root)) if ".coralfs-tmp" in p]
+
+
+def test_one_checkout_at_a_time(two_branches):
+    import fcntl
+
+    from coralfs.errors import ConcurrentUpdate
+
+    with Repository(two_branches) as repo:
+        fd = os.open(os.path.join(repo.control, "checkout.lock"), os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # as another process's checkout would hold it
+            with pytest.raises(ConcurrentUpdate, match="another process is checking out"):
+                repo.checkout("b")
+        finally:
+            os.close(fd)
+        assert repo.current_branch() == "main"
+        repo.checkout("b")
+        assert repo.current_branch() == "b" and repo.status().clean

@@ -148,3 +148,9 @@ class NoSpace(CoralError):
 
     exit_code = 12
     errno = errno.ENOSPC
+
+
+class UnsafePath(InvalidPath):
+    """path goes through a symbolic link or a non-directory in the work tree"""
+
+    errno = errno.ELOOP

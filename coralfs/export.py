@@ -26,7 +26,9 @@ Import (``import_dir``)
 Commits a directory (e.g. a Hugging Face model folder: config, tokenizer, sharded
 weights) as it is, in ONE commit: every file is ingested straight from its source
 path (no copy into the work tree) and ``commit_changes`` records them on the branch
-with a compare-and-swap on its head.
+with a compare-and-swap on its head. Symlinks inside the directory are not followed
+and not stored (skipped, listed in ``ImportResult.skipped``; the CLI prints a warning
+for each): a model directory must not pull in content from elsewhere.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from typing import Any
 from coralfs.errors import CoralError, FormatError, InvalidArgument, NothingToCommit, PathNotFound
 from coralfs.objects import TreeEntry, check_path
 from coralfs.repository import Repository
+from coralfs.worktree_fs import WorkTree
 
 FORMATS = ("safetensors", "pt")
 
@@ -230,6 +233,7 @@ class ImportResult:
     modified: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source path, why): symlinks, FIFOs, ...
     logical: int = 0
     stored: int = 0
 
@@ -242,25 +246,16 @@ class ImportResult:
 DEFAULT_EXCLUDE = (".git", ".coralfs")
 
 
-def _walk(src: str, exclude: Sequence[str]) -> list[tuple[str, str]]:
-    """(relative path, file system path) of every regular file under src; symlinks to files are followed."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(src):
-        rel_dir = os.path.relpath(dirpath, src)
-        rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
+def _walk(src: str, exclude: Sequence[str], skipped: list[tuple[str, str]]) -> list[str]:
+    """Relative path of every regular file under ``src``, never following a symlink (each one
+    found is added to ``skipped`` with the reason)."""
 
-        def skip(rel: str) -> bool:
-            base = rel.rsplit("/", 1)[-1]
-            return any(fnmatch.fnmatchcase(rel, pat) or fnmatch.fnmatchcase(base, pat) for pat in exclude)
+    def skip(rel: str) -> bool:
+        base = rel.rsplit("/", 1)[-1]
+        return any(fnmatch.fnmatchcase(rel, pat) or fnmatch.fnmatchcase(base, pat) for pat in exclude)
 
-        dirnames[:] = sorted(d for d in dirnames if not skip(f"{rel_dir}/{d}" if rel_dir else d))
-        for f in sorted(filenames):
-            rel = f"{rel_dir}/{f}" if rel_dir else f
-            fp = os.path.join(dirpath, f)
-            if skip(rel) or not os.path.isfile(fp):
-                continue
-            out.append((rel, fp))
-    return out
+    with WorkTree(src) as wt:
+        return [rel for rel, _ in wt.walk("", lambda rel, why: skipped.append((rel, why)), exclude=skip)]
 
 
 def import_dir(repo: Repository, src: str | os.PathLike[str], branch: str | None = None,
@@ -296,16 +291,20 @@ def import_dir(repo: Repository, src: str | os.PathLike[str], branch: str | None
     if head is None and not orphan:
         start = repo.head()
     old = repo.tree(start).entries if start is not None else {}
-    files = _walk(src, exclude)
+    res = ImportResult(b"", branch)
+    files = _walk(src, exclude, res.skipped)
     if not files:
         raise PathNotFound(f"{src}: no files to import")
-    res = ImportResult(b"", branch)
     changes: dict[str, TreeEntry | None] = {}
-    with repo.writing():
-        for rel, fp in files:
+    with repo.writing(), WorkTree(src) as wt:
+        for rel in files:
             path = check_path(f"{prefix}/{rel}" if prefix else rel)
             prev = old.get(path)
-            entry, stats = repo.ingest_file(fp, path, prev, progress(path) if progress else None)
+            fd, _ = wt.open_read(rel)  # relative to src: no symlink followed, on the way or at the end
+            try:
+                entry, stats = repo.ingest_fd(fd, path, prev, progress(path) if progress else None)
+            finally:
+                os.close(fd)
             res.logical += stats.logical
             res.stored += stats.stored
             if prev is None:
@@ -317,7 +316,7 @@ def import_dir(repo: Repository, src: str | os.PathLike[str], branch: str | None
                 res.modified.append(path)
             changes[path] = entry
         if delete:
-            seen = {check_path(f"{prefix}/{rel}" if prefix else rel) for rel, _ in files}
+            seen = {check_path(f"{prefix}/{rel}" if prefix else rel) for rel in files}
             for path in sorted(old):
                 if (not prefix or path.startswith(prefix + "/")) and path not in seen:
                     changes[path] = None

@@ -12,10 +12,13 @@ Checks
     * the index: ``c\\0`` commit index entries name commits, every reachable commit has one,
       ``tb\\0`` tensor base entries and ``st\\0`` stat cache entries name existing data,
       ``pend\\0`` pending mount entries name existing manifests, ``dm\\0`` pending demotions
-      and ``rv\\0`` reverse-chain counters name existing chunks.
+      and ``rv\\0`` reverse-chain counters name existing chunks;
+    * every path in a tree and in the stage is a valid repository path (``objects.path_error``:
+      nothing that could escape the work tree); a tree with such a path is a corrupt object.
 
 ``--repair`` fixes only what can be fixed without losing anything: index entries that
-point at missing data are dropped, missing commit index entries are added, and garbage
+point at missing data are dropped, missing commit index entries are added, stage entries
+with an invalid path (which no coralfs writes) are dropped, and garbage
 (unreachable chunks and objects, including corrupt ones that nothing reachable needs) is
 removed by running gc. Everything else is reported; the CLI exits with
 IntegrityError's exit code when problems remain.
@@ -29,12 +32,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from coralfs import refs
+from coralfs import keys, refs
 from coralfs.errors import CoralError, MissingObject
 from coralfs.gc import COMMIT_INDEX, CONFLICT_PREFIX, PEND_PREFIX, STAT_INDEX, TENSOR_INDEX, GcAborted, gc
 from coralfs.hashing import ID_LEN, digest, hasher
 from coralfs.ingest import PENDING_PREFIX as DEMOTION_PREFIX
-from coralfs.objects import Commit, Manifest, Tag, Tree, deserialize
+from coralfs.objects import Commit, Manifest, Tag, Tree, deserialize, path_error
 from coralfs.objectstore import ObjectStore
 from coralfs.reader import FileView
 from coralfs.repack import BELOW_PREFIX
@@ -142,6 +145,18 @@ def fsck(repo: Repository, repair: bool = False, log: Callable[[str], None] | No
             problems.append(Problem("ref", name, f"points at a {type(o).__name__}, not a {expect.__name__}"))
             continue
         starts.append((v, name))
+    stage_drop: list[bytes] = []
+    for k, v in stage_items:  # a stage path may reach a commit and the work tree: validate it
+        try:
+            path = keys.path_of(b"", k, json.loads(v) if keys.is_hashed(b"", k) else None)
+        except (ValueError, TypeError) as e:
+            problems.append(Problem("stage", repr(k)[:80], f"unreadable path: {e}", repairable=True))
+            stage_drop.append(k)
+            continue
+        err = path_error(path)
+        if err is not None:
+            problems.append(Problem("stage", repr(k)[:80], f"invalid path: {err}", repairable=True))
+            stage_drop.append(k)
     for k, v, where in [(k, v, "stage " + k.decode(errors="replace")) for k, v in stage_items] + \
             [(k, v, "pending " + k.decode(errors="replace")) for k, v in pend_items]:
         try:
@@ -269,7 +284,7 @@ def fsck(repo: Repository, repair: bool = False, log: Callable[[str], None] | No
         problems.append(Problem("index", c.hex(), "reachable commit missing from the commit index", True))
 
     if repair and any(p.repairable for p in problems):
-        _repair(repo, rep, index_drop, missing_index, say)
+        _repair(repo, rep, index_drop, missing_index, say, stage_drop)
     rep.seconds = time.monotonic() - t0
     return rep
 
@@ -304,16 +319,20 @@ def _index_problem(t: Txn, k: bytes, v: bytes, prefix: bytes) -> str | None:
 
 
 def _repair(repo: Repository, rep: FsckReport, index_drop: list[bytes], missing_index: list[bytes],
-            say: Callable[[str], None]) -> None:
-    if index_drop or missing_index:
+            say: Callable[[str], None], stage_drop: list[bytes] | None = None) -> None:
+    stage_drop = stage_drop or []
+    if index_drop or missing_index or stage_drop:
         def fn(t: Txn) -> None:
             for k in index_drop:
                 t.delete("index", k)
             for c in missing_index:
                 t.put("index", COMMIT_INDEX + c, b"")
+            for k in stage_drop:  # no coralfs writes such an entry: it came with the repository
+                t.delete("stage", k)
 
         repo.store.write(fn)
         rep.repaired += [f"dropped index entry {k!r}"[:100] for k in index_drop]
+        rep.repaired += [f"dropped stage entry {k!r}"[:100] for k in stage_drop]
         rep.repaired += [f"indexed commit {c.hex()[:12]}" for c in missing_index]
     if any(p.repairable and p.kind in ("chunk", "object") for p in rep.problems):
         try:

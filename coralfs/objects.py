@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import posixpath
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import zstandard
 
-from coralfs.errors import FormatError, InvalidPath
+from coralfs.errors import FormatError, InvalidPath, NameTooLong
 from coralfs.hashing import digest
 
 MAGIC = b"CRO"
@@ -27,25 +29,76 @@ MODE_FILE = 0o100644
 MODE_EXEC = 0o100755
 
 
-def check_path(path: str) -> str:
-    """Validate and normalise a path inside a tree: relative, '/'-separated, no '..'."""
+#: Limits of a local Linux file system, in bytes of ``os.fsencode(path)``: a name (one
+#: component) and a whole path. A tree path longer than these could not be checked out.
+NAME_MAX = 255
+PATH_MAX = 4095
+RESERVED = ".coralfs"  # a first component naming the control directory
+
+
+def path_error(path: object) -> InvalidPath | None:
+    """Why ``path`` cannot name a file in a tree (the error to raise), or None if it can.
+
+    One rule for paths being created (:func:`check_path`) and paths decoded from a stored
+    tree (:meth:`Tree.from_body`): a repository may come from someone else, and a path
+    that escapes the work tree (``..``, absolute), names the control directory, or cannot
+    exist on a local file system must never reach the work tree. A path is a ``str`` whose
+    ``os.fsencode`` is the file name's bytes (non-UTF-8 bytes as surrogate escapes); it must
+    be the canonical spelling of those bytes (``os.fsdecode(os.fsencode(p)) == p``), so
+    two tree entries can never name the same file."""
     if not isinstance(path, str) or not path:
-        raise InvalidPath("empty path")
+        return InvalidPath("empty path")
     if "\x00" in path:
-        raise InvalidPath(f"path contains NUL: {path!r}")
+        return InvalidPath(f"path contains NUL: {path!r}")
     if path.startswith("/") or "\\" in path:
-        raise InvalidPath(f"path must be relative and use '/': {path!r}")
+        return InvalidPath(f"path must be relative and use '/': {path!r}")
+    try:
+        raw = os.fsencode(path)
+    except UnicodeError:
+        return InvalidPath(f"path is not a file name (unencodable characters): {path!r}")
+    if os.fsdecode(raw) != path:
+        return InvalidPath(f"path is not in canonical form (surrogate-escaped UTF-8): {path!r}")
     parts = path.split("/")
     for part in parts:
         if part in ("", ".", ".."):
-            raise InvalidPath(f"invalid path component {part!r} in {path!r}")
-    if parts[0] == ".coralfs":
-        raise InvalidPath(f"reserved path: {path!r}")
-    return posixpath.normpath(path)
+            return InvalidPath(f"invalid path component {part!r} in {path!r}")
+    if parts[0].lower() == RESERVED:
+        return InvalidPath(f"reserved path: {path!r}")
+    if len(raw) > PATH_MAX:
+        return NameTooLong(f"path is {len(raw)} bytes, over {PATH_MAX}: {path[:60]!r}...")
+    for part in parts:
+        n = len(os.fsencode(part))
+        if n > NAME_MAX:
+            return NameTooLong(f"path component is {n} bytes, over {NAME_MAX}: {part[:60]!r}...")
+    return None
+
+
+def check_path(path: str) -> str:
+    """Validate a path inside a tree (relative, '/'-separated, no '..', fits a local file
+    system; see :func:`path_error`); raises InvalidPath (NameTooLong for the length limits)."""
+    err = path_error(path)
+    if err is not None:
+        raise err
+    return path
+
+
+def path_clash(paths: Iterable[str]) -> str | None:
+    """A path that is both a file and a directory among ``paths`` (e.g. ``a`` and ``a/b``), or None."""
+    files = set(paths)
+    dirs: set[str] = set()
+    for p in files:
+        d = p.rpartition("/")[0]
+        while d and d not in dirs:
+            dirs.add(d)
+            d = d.rpartition("/")[0]
+    clash = dirs & files
+    return min(clash) if clash else None
 
 
 def _pack(type_: int, body: dict[str, Any]) -> bytes:
-    raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    # surrogatepass: a non-UTF-8 file name (surrogate escapes) is stored as the UTF-8 form of
+    # its surrogates; any body that is valid UTF-8 keeps exactly the bytes (and id) it always had
+    raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
     if len(raw) > 4096:
         comp = zstandard.ZstdCompressor(level=6).compress(raw)
         if len(comp) < len(raw):
@@ -67,7 +120,7 @@ def unpack(data: bytes) -> tuple[int, dict[str, Any]]:
             body = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 30)
         elif comp != 0:
             raise FormatError(f"unknown object compression {comp}")
-        return type_, json.loads(body)
+        return type_, json.loads(bytes(body).decode("utf-8", "surrogatepass"))
     except (ValueError, zstandard.ZstdError) as e:
         raise FormatError(f"undecodable {_TYPE_NAMES[type_]} object: {e}") from e
 
@@ -167,7 +220,20 @@ class Tree:
 
     @classmethod
     def from_body(cls, b: dict[str, Any]) -> Tree:
-        return cls({p: TreeEntry(bytes.fromhex(m), int(s), int(mode)) for p, m, s, mode in b["entries"]})
+        """Decode, validating every path: a tree may come from someone else, and a path that
+        escapes the work tree or cannot be a local file makes the whole object corrupt."""
+        entries: dict[str, TreeEntry] = {}
+        for p, m, s, mode in b["entries"]:
+            err = path_error(p)
+            if err is not None:
+                raise FormatError(f"corrupt tree: {err}")
+            if p in entries:
+                raise FormatError(f"corrupt tree: path {p!r} listed twice")
+            entries[p] = TreeEntry(bytes.fromhex(m), int(s), int(mode))
+        clash = path_clash(entries)
+        if clash is not None:
+            raise FormatError(f"corrupt tree: path is both a file and a directory: {clash!r}")
+        return cls(entries)
 
     def dirs(self) -> set[str]:
         out: set[str] = set()

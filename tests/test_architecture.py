@@ -12,7 +12,7 @@ LAYERS: list[set[str]] = [
     {"records"},
     {"store", "locks", "keys"},
     {"objects", "refs", "formats", "objectstore", "ingest", "reader", "repack"},
-    {"repository"},
+    {"repository", "worktree_fs"},
     {"diff", "merge", "export", "gc", "fsck", "prune", "torch", "mountview", "mountwrite", "mountnodes"},
     {"cli", "fuse", "fuse_ll", "fuse_ops", "__main__"},
 ]

@@ -165,11 +165,12 @@ def test_import_hf_folder_in_one_commit(repo, tmp_path):
     assert res2.deleted == ["nested/readme.md"] and repo.get_commit(res2.commit).parents == (res.commit,)
     with repo.open("main", "model-00001-of-00002.safetensors") as f:
         assert _sha(f.read()) == _sha(files2["model-00001-of-00002.safetensors"])
-    # a prefix, on a new branch that starts at HEAD; a symlinked file is stored by content
+    # a prefix, on a new branch that starts at HEAD; a symlink is skipped (not stored, not followed)
     os.symlink(src / "config.json", src / "link.json")
     res3 = import_dir(repo, src, branch="models", prefix="hf/tiny")
     assert repo.get_commit(res3.commit).parents == (res2.commit,)
-    assert "hf/tiny/link.json" in repo.ls("models") and "config.json" in repo.ls("models")
+    assert "hf/tiny/link.json" not in repo.ls("models") and "config.json" in repo.ls("models")
+    assert [p for p, _ in res3.skipped] == ["link.json"]
     orphan = import_dir(repo, src, branch="bare", orphan=True, exclude=(".git", "*.json"))
     assert repo.get_commit(orphan.commit).parents == () and all(p.endswith(".safetensors")
                                                                 for p in repo.ls("bare"))

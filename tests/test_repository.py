@@ -122,10 +122,10 @@ def test_status_uses_stat_cache(repo, monkeypatch):
     repo.commit("a")
     import coralfs.repository as mod
 
-    def boom(path):
+    def boom(fd):
         raise AssertionError("status re-hashed an unchanged file")
 
-    monkeypatch.setattr(mod, "_hash_file", boom)
+    monkeypatch.setattr(mod, "_hash_fd", boom)
     assert repo.status().clean
 
 

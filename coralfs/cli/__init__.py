@@ -72,6 +72,11 @@ def info(args: argparse.Namespace, text: str) -> None:
         print(text, file=sys.stdout)
 
 
+def warn(text: str) -> None:
+    """A warning line on stderr (never silenced: something was not done)."""
+    print(f"{PROG}: warning: {text}", file=sys.stderr)
+
+
 def print_json(value: Any) -> None:
     json.dump(value, sys.stdout, indent=2, sort_keys=True, ensure_ascii=False)
     sys.stdout.write("\n")
@@ -280,6 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 file name prints as its own bytes
+        if hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="surrogateescape")
+            except (ValueError, OSError):
+                pass
     repo = None
     try:
         if getattr(args, "needs_repo", True):

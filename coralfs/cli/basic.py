@@ -68,7 +68,8 @@ def cmd_init(args: argparse.Namespace, _repo: None) -> int:
 def cmd_add(args: argparse.Namespace, repo: Any) -> int:
     paths = cli.worktree_paths(repo, args.paths)
     with cli.progress(args, "adding") as prog:
-        stats = repo.add(paths, progress=prog)
+        stats = repo.add(paths, progress=prog,
+                         on_skip=lambda path, why: cli.warn(f"skipped {path}: {why}"))
     if stats.logical:
         cli.info(args, f"ingested {cli.human_size(stats.logical)} in {stats.chunks} chunks "
                        f"({stats.new_chunks} new, {stats.dedup_chunks} deduplicated, {stats.delta_chunks} delta), "

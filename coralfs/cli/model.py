@@ -256,6 +256,8 @@ def cmd_import(args: argparse.Namespace, repo: Any) -> int:
                          exclude=tuple(args.exclude) if args.exclude else DEFAULT_EXCLUDE, orphan=args.orphan,
                          metrics=cli.parse_metrics(args.metric), meta=cli.parse_meta(args.meta), progress=prog,
                          update_worktree=not args.no_checkout)
+    for path, why in res.skipped:
+        cli.warn(f"skipped {os.path.join(src, path)}: {why}")
     if args.json:
         cli.print_json(res.to_json())
         return 0

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from coralfs import refs
-from coralfs.errors import CoralError, InvalidArgument, NameTooLong, PathNotFound, ReadOnly
+from coralfs.errors import CoralError, InvalidArgument, InvalidPath, PathNotFound, ReadOnly
 from coralfs.mountwrite import (
     Busy,
     CrossDevice,
@@ -999,11 +999,10 @@ class NotSupported(CoralError):
 def check_new_path(sub: str, path: str) -> None:
     """A name a file or directory is created under (or renamed to) must be storable and must
     check out: refused here, before any data is written (never at ``close()``)."""
-    raw = os.fsencode(sub)
-    if len(raw) > MAX_PATH_BYTES or any(len(p) > MAX_NAME_BYTES for p in raw.split(b"/")):
-        raise NameTooLong(f"{path}: file name too long (at most {MAX_NAME_BYTES} bytes a name, "
-                          f"{MAX_PATH_BYTES} a path)")
-    check_path(sub)
+    try:
+        check_path(sub)
+    except InvalidPath as e:  # (NameTooLong: ENAMETOOLONG; the rest EINVAL)
+        raise type(e)(f"{path}: {e}") from None
 
 
 def _parent(path: str) -> str:

@@ -36,6 +36,7 @@ from coralfs import records
 from coralfs.errors import CoralError
 from coralfs.formats import Region, split
 from coralfs.hashing import digest
+from coralfs.keys import HASHED, MAX_INLINE
 from coralfs.objects import Manifest, Piece, Segment
 from coralfs.objectstore import ObjectStore
 from coralfs.store import Txn
@@ -79,8 +80,19 @@ def pending_key(new: bytes, prev: bytes) -> bytes:
     return PENDING_PREFIX + time.time_ns().to_bytes(8, "big") + new + prev
 
 
+TENSOR_INDEX = b"tb\x00"
+
+
 def tensor_index_key(dtype: str, name: str, piece: int) -> bytes:
-    return b"tb\x00" + dtype.encode() + b"\x00" + name.encode() + b"\x00" + str(piece).encode()
+    """``tb\0<dtype>\0<name>\0<piece>``; past ``keys.MAX_INLINE`` bytes (LMDB refuses keys over
+    511) ``tb\0/`` + BLAKE3(dtype\0name) + ``\0<piece>`` instead. A dtype never starts with
+    ``/``, and keys that fit are the ones every earlier version wrote (their delta bases stay)."""
+    ident = dtype.encode("utf-8", "surrogatepass") + b"\x00" + name.encode("utf-8", "surrogatepass")
+    tail = b"\x00" + str(piece).encode()
+    key = TENSOR_INDEX + ident + tail
+    if len(key) <= MAX_INLINE:
+        return key
+    return TENSOR_INDEX + HASHED + digest(ident) + tail
 
 
 class MappedFile:
@@ -93,9 +105,16 @@ class MappedFile:
         self.view = memoryview(self._mm) if self._mm is not None else memoryview(b"")
 
     def close(self) -> None:
-        self.view.release()
-        if self._mm is not None:
-            self._mm.close()
+        """Never raises BufferError: when an error unwinds an ingest, its traceback still holds
+        slices of the view (the map is then unmapped when the last of them goes), and closing
+        the map under them used to replace that error with 'cannot close exported pointers exist'."""
+        try:
+            self.view.release()
+            if self._mm is not None:
+                self._mm.close()
+        except BufferError:
+            pass
+        self._mm = None
         self._f.close()
 
     def __enter__(self) -> MappedFile:

@@ -396,3 +396,71 @@ def test_failed_ingest_reports_its_own_error_not_buffererror(repo, monkeypatch):
     repo.add([os.path.join(repo.root, "m.pt")])
     repo.commit("m")
     assert sha256(repo.open("HEAD", "m.pt").read()) == sha256(os.path.join(repo.root, "m.pt"))
+
+
+# ------------------------------------------------------------------ exit codes: not a checkpoint (11) vs corruption (9)
+def _cli(*args: str, cwd: str | os.PathLike[str]) -> tuple[int, str, str]:
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "coralfs", *args], cwd=cwd, capture_output=True, text=True,
+                       env=dict(os.environ, CORALFS_AUTO_REPACK="0"))
+    return p.returncode, p.stdout, p.stderr
+
+
+def _evil_pt() -> bytes:
+    src = io.BytesIO()
+    torch.save({"w": torch.ones(4)}, src)
+    zin = zipfile.ZipFile(io.BytesIO(src.getvalue()))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                data = pickle.dumps({"w": _Evil()}, protocol=2)
+            zout.writestr(info, data)
+    return out.getvalue()
+
+
+def test_not_a_checkpoint_exits_11_and_corruption_exits_9(tmp_path):
+    from coralfs.errors import IntegrityError, NotACheckpoint
+
+    assert (NotACheckpoint.exit_code, IntegrityError.exit_code) == (11, 9)
+    root = tmp_path / "r"
+    assert _cli("init", str(root), cwd=tmp_path)[0] == 0
+    torch.manual_seed(0)
+    good = _st_bytes({"w": torch.randn(64, 64)})
+    legacy = io.BytesIO()
+    torch.save({"w": torch.randn(8)}, legacy, _use_new_zipfile_serialization=False)
+    files = {"config.json": b'{"hidden_size": 8}', "notes.txt": b"just text\n", "broken.safetensors": good[:-9],
+             "evil.pt": _evil_pt(), "legacy.pt": legacy.getvalue(), "good.safetensors": good}
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    assert _cli("add", *files, cwd=root)[0] == 0
+    assert _cli("commit", "-m", "files", cwd=root)[0] == 0
+    for spec, out, extra, why in [
+        ("config.json", "c.safetensors", [], "not a checkpoint"),
+        ("notes.txt", "n.pt", ["--format", "pt"], "not a checkpoint"),  # used to be copied as 'n.pt'
+        ("broken.safetensors", "b.pt", [], "not a valid safetensors file"),
+        ("evil.pt", "e.safetensors", [], "weights-only"),  # used to exit 9
+    ]:
+        rc, _, err = _cli("export", spec, out, *extra, cwd=root)
+        assert rc == 11 and why in err and spec in err and "Traceback" not in err, (spec, rc, err)
+        assert not (root / out).exists()
+    # a legacy (non-zip) torch.save file is a checkpoint (stored as bytes): it exports
+    rc, _, err = _cli("export", "legacy.pt", "l.safetensors", cwd=root)
+    assert rc == 0, err
+    rc, _, err = _cli("export", "legacy.pt", "l.pt", cwd=root)
+    assert rc == 0 and sha256(root / "l.pt") == sha256(legacy.getvalue()), err
+    assert _cli("export", "good.safetensors", "g.pt", cwd=root)[0] == 0
+    # corruption keeps exit 9: flip a byte of the tensor's stored record
+    r = Repository(root)
+    man = r.get_manifest(r.entry("HEAD", "good.safetensors").manifest)
+    cid = next(s for s in man.segments if s.kind == "tensor").pieces[0].chunk
+    with r.store.read() as t:
+        rec = bytearray(t.get("chunks", cid))
+    rec[-1] ^= 0xFF
+    r.store.write(lambda t: t.put("chunks", cid, bytes(rec)))
+    r.close()
+    rc, _, err = _cli("export", "good.safetensors", "g2.pt", cwd=root)
+    assert rc == 9 and ("corrupt" in err or "does not match" in err), (rc, err)

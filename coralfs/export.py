@@ -33,6 +33,7 @@ with a compare-and-swap on its head.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import io
 import json
@@ -41,7 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from coralfs.errors import CoralError, InvalidArgument, NotACheckpoint, NothingToCommit, PathNotFound
+from coralfs.errors import CoralError, InvalidArgument, NoSpace, NotACheckpoint, NothingToCommit, PathNotFound
 from coralfs.objects import TreeEntry, check_path
 from coralfs.repository import Repository
 
@@ -246,9 +247,11 @@ def export_file(repo: Repository, rev: str | bytes, path: str, out: str | os.Pat
         with open(tmp, "wb") as fh:
             fh.write(data)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"no space left on device: writing {out} ({e.strerror})") from e
         raise
     res.output = out
     return res

@@ -427,7 +427,10 @@ def _a(noun: str) -> str:
 
 
 def _join(path: str, key: Any) -> str:
-    k = key if isinstance(key, str) else str(key)
+    try:
+        k = key if isinstance(key, str) else str(key)
+    except ValueError:  # an int past Python's digit limit: no manifest name has it either
+        k = "?"
     return f"{path}.{k}" if path else k
 
 

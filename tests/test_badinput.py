@@ -427,7 +427,7 @@ def test_not_a_checkpoint_exits_11_and_corruption_exits_9(tmp_path):
 
     assert (NotACheckpoint.exit_code, IntegrityError.exit_code) == (11, 9)
     root = tmp_path / "r"
-    assert _cli("init", str(root), cwd=tmp_path)[0] == 0
+    r = Repository.init(root)
     torch.manual_seed(0)
     good = _st_bytes({"w": torch.randn(64, 64)})
     legacy = io.BytesIO()
@@ -436,8 +436,9 @@ def test_not_a_checkpoint_exits_11_and_corruption_exits_9(tmp_path):
              "evil.pt": _evil_pt(), "legacy.pt": legacy.getvalue(), "good.safetensors": good}
     for name, data in files.items():
         (root / name).write_bytes(data)
-    assert _cli("add", *files, cwd=root)[0] == 0
-    assert _cli("commit", "-m", "files", cwd=root)[0] == 0
+    r.add([root / name for name in files])
+    r.commit("files")
+    r.close()
     for spec, out, extra, why in [
         ("config.json", "c.safetensors", [], "not a checkpoint"),
         ("notes.txt", "n.pt", ["--format", "pt"], "not a checkpoint"),  # used to be copied as 'n.pt'

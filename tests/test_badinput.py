@@ -319,6 +319,8 @@ PICKLE_BOMBS = {
     # a dict key that is an int of 10,000 digits (str() of it raises ValueError)
     "huge-int-key": b"\x80\x02}" + b"\x8b" + (5000).to_bytes(4, "little") + b"\x01" * 5000
                     + _storage_ref() + b"s.",
+    # a memo index of 2**31 - 1: the unpickler sizes its memo array to it (16 GB)
+    "memo-index": b"\x80\x02}r\xff\xff\xff\x7f.",
     # a tensor whose size tuple holds an int past 2**64 and a negative one
     "huge-size": b"\x80\x02}X\x01\x00\x00\x00w" + _storage_ref().replace(
         b"K\x10\x85K\x01\x85", b"\x8a\x09" + b"\xff" * 8 + b"\x01J\xff\xff\xff\xff\x86K\x01\x85") + b"s.",

@@ -3,8 +3,9 @@
 Real safetensors files and ``torch.save`` zips (small trained models) go through random
 mutations: bit flips, truncation, splices from another checkpoint, deleted and inserted
 runs, edits of the numbers in a safetensors header (huge, negative, fractional, 1e999),
-edits of its JSON (types changed, keys dropped, nesting added), and edge values written
-over the integer fields that follow zip signatures. For every result:
+edits of its JSON (types changed, keys dropped, nesting added), edge values written over
+the integer fields that follow zip signatures, and pickle opcodes written into a torch
+zip's ``data.pkl``. For every result:
 
 - ``split`` returns regions that cover the file exactly (in order, gap-free, lengths summing
   to the file size) and never raises;
@@ -93,7 +94,8 @@ def _with_header(data: bytes, old_n: int, head: bytes) -> bytes:
 
 @st.composite
 def mutation(draw: st.DrawFn, data: bytes) -> bytes:
-    kind = draw(st.sampled_from(["flip", "truncate", "splice", "delete", "insert", "number", "json", "field"]))
+    kind = draw(st.sampled_from(["flip", "truncate", "splice", "delete", "insert", "number", "json", "field",
+                                 "pickle"]))
     size = len(data)
     if kind == "flip":
         for _ in range(draw(st.integers(1, 8))):
@@ -158,6 +160,18 @@ def mutation(draw: st.DrawFn, data: bytes) -> bytes:
             obj[draw(st.sampled_from(["\ud800", "", "x" * 700, "__metadata__"]))] = obj.pop(name)
         head = json.dumps(obj, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
         return _with_header(data, n, head)
+    if kind == "pickle":
+        # opcodes written into a torch zip's data.pkl (it follows its local header, padded to 64 bytes)
+        at = data.find(b"data.pkl")
+        if at < 0:
+            return data
+        b = bytearray(data)
+        for _ in range(draw(st.integers(1, 6))):
+            p = min(len(b) - 1, at + draw(st.integers(8, 400)))
+            b[p : p + 1] = draw(st.sampled_from([b"(", b"t", b"R", b")", b"\x85", b"\x86", b"\x91", b"}", b"]", b"s",
+                                                 b"u", b"e", b"b", b"\x93", b"\x94", b"h\x00", b"0", b"1", b"2",
+                                                 b"Q", b"\x8a\xff", b"X\xff\xff\xff\x7f", b"."]))
+        return bytes(b)
     # "field": an edge value over an integer field right after a zip signature (sizes, offsets, counts)
     sigs = [m.start() for m in re.finditer(rb"PK(\x01\x02|\x03\x04|\x05\x06|\x06\x06|\x06\x07)", data)]
     if not sigs:

@@ -6,8 +6,8 @@ each storage's key and element type; walking the resulting stand-in tree names
 every tensor (``model.layer.weight``, ``optimizer.state.0.exp_avg``).
 
 The pickle is hostile until proven otherwise. Before the (C) unpickler runs, a scan of
-its opcodes (``pickletools.genops``, iterative) bounds what loading it can cost: at most
-``MAX_OPS`` opcodes (each creates at most one object), and tuples/frozensets nested at
+its opcodes (iterative) bounds what loading it can cost: at most ``MAX_OPS`` opcodes (each
+creates at most one object) and memo indices below it, and tuples/frozensets nested at
 most ``MAX_NEST`` deep (the unpickler hashes dict keys and set members, and hashing a
 tuple recurses in C without a limit: a 1M-deep tuple as a dict key crashed the process).
 At most ``MAX_GLOBALS`` distinct stand-in classes are made. The walk that names tensors
@@ -40,7 +40,7 @@ MAX_OPS = 4_000_000  # a state dict with 24,000 tensors and its optimizer state:
 MAX_NEST = 256  # tuples and frozensets inside each other
 MAX_GLOBALS = 4096  # distinct globals named (torch.save: about ten)
 MAX_PATH = 4096  # characters of a tensor's path; deeper values are not named
-MAX_NODES = 2_000_000  # values visited by the naming walk
+MAX_NODES = 1_000_000  # containers visited by the naming walk (a 24,000-tensor checkpoint: ~100,000)
 
 
 @dataclass
@@ -221,6 +221,8 @@ def check_pickle(data: bytes) -> None:
                 del stack[k:]
                 stack.append(depth)
             elif kind == "PUT":
+                if arg >= MAX_OPS:  # the unpickler sizes its memo array to the index: 2**31 would be 16 GB
+                    raise ValueError(f"pickle memo index {arg} out of range")
                 memo[arg] = stack[-1]
             elif kind == "MEMOIZE":
                 memo[len(memo)] = stack[-1]

@@ -42,6 +42,7 @@ import os
 import re
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -119,6 +120,20 @@ class Removed:
 
 
 _HEX_ID = re.compile(rb"[0-9a-f]{%d}" % (2 * ID_LEN))
+
+
+def _clear_frames(exc: BaseException) -> None:
+    """Drop the locals of the finished frames in the tracebacks of ``exc`` and the exceptions
+    chained to it (the lines stay for a traceback print)."""
+    stack: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        stack += [e.__cause__, e.__context__]
 
 
 def pending_key(new: bytes, prev: bytes) -> bytes:
@@ -430,10 +445,15 @@ class Ingestor:
         written = self._journal()
         try:
             return self._ingest(view, name, prev, progress, written)
-        except NoSpace as e:
-            written.failed = True
-            if not self._gate.in_shared():  # no write section to wait for: clean up now
-                self._section_end(e, [written])
+        except BaseException as e:
+            # the finished frames of the traceback hold slices of ``view``: the caller could not
+            # close a memory map under them ("BufferError: cannot close exported pointers exist"
+            # replaced the real error)
+            _clear_frames(e)
+            if isinstance(e, NoSpace):
+                written.failed = True
+                if not self._gate.in_shared():  # no write section to wait for: clean up now
+                    self._section_end(e, [written])
             raise
 
     def _ingest(self, view: memoryview, name: str, prev: Manifest | None, progress: Progress | None,

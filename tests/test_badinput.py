@@ -467,3 +467,28 @@ def test_not_a_checkpoint_exits_11_and_corruption_exits_9(tmp_path):
     r.close()
     rc, _, err = _cli("export", "good.safetensors", "g2.pt", cwd=root)
     assert rc == 9 and ("corrupt" in err or "does not match" in err), (rc, err)
+
+
+def test_failed_ingest_leaves_no_views_of_the_callers_map(repo, monkeypatch, tmp_path):
+    """A caller that maps the file itself can close its map while the ingest's error propagates
+    (the traceback's frames used to keep slices of it alive)."""
+    import mmap
+
+    from coralfs import ingest
+
+    torch.manual_seed(0)
+    p = save_pt({"w": torch.randn(512, 512)}, tmp_path / "m.pt")
+
+    def fail(t, items, pending):
+        raise RuntimeError("the write failed")
+
+    monkeypatch.setattr(ingest.Ingestor, "_write", staticmethod(fail))
+    with open(p, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        view = memoryview(mm)
+        with pytest.raises(RuntimeError, match="the write failed"):
+            try:
+                repo.ingest_buffer(view, "m.pt")
+            finally:
+                view.release()
+                mm.close()  # BufferError here would replace the error

@@ -18,8 +18,10 @@ Export (``export_file``)
   ``ExportResult.dropped_metadata``).
 - Same format in and out: the stored bytes are copied verbatim.
 
-A checkpoint the weights-only loader refuses (arbitrary pickled objects) raises
-``CheckpointLoadError`` naming the file.
+A file that is not a checkpoint (no tensors coralfs or torch can find in it: a config, a
+truncated or foreign file stored as plain bytes) raises ``NotACheckpoint`` (exit 11), and
+so does a checkpoint the weights-only loader refuses (arbitrary pickled objects:
+``CheckpointLoadError``), naming the file. Exit 9 stays reserved for corruption.
 
 Import (``import_dir``)
 -----------------------
@@ -33,6 +35,7 @@ for each): a model directory must not pull in content from elsewhere.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import io
 import json
@@ -41,7 +44,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from coralfs.errors import CoralError, FormatError, InvalidArgument, NothingToCommit, PathNotFound
+from coralfs.errors import CoralError, InvalidArgument, NoSpace, NotACheckpoint, NothingToCommit, PathNotFound
 from coralfs.objects import TreeEntry, check_path
 from coralfs.repository import Repository
 from coralfs.worktree_fs import WorkTree
@@ -49,7 +52,7 @@ from coralfs.worktree_fs import WorkTree
 FORMATS = ("safetensors", "pt")
 
 
-class CheckpointLoadError(FormatError):
+class CheckpointLoadError(NotACheckpoint):
     """checkpoint cannot be loaded with torch's weights-only loader"""
 
 
@@ -76,6 +79,23 @@ def _fmt_of(path: str, explicit: str | None) -> str:
 
 
 # ------------------------------------------------------------------ flatten
+def _count_tensors(obj: Any) -> int:
+    import torch
+
+    n, stack, seen = 0, [obj], set()
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            n += 1
+        elif id(x) not in seen:
+            seen.add(id(x))
+            if isinstance(x, Mapping):
+                stack.extend(x.values())
+            elif isinstance(x, (list, tuple)):
+                stack.extend(x)
+    return n
+
+
 def flatten_state(obj: Any, strict: bool = False, name: str = "checkpoint"
                   ) -> tuple[dict[str, Any], dict[str, str]]:
     """A loaded checkpoint -> ({flat name: tensor}, {flat name: JSON string of a non-tensor value})."""
@@ -148,15 +168,19 @@ def pt_to_safetensors(obj: Any, strict: bool = False, name: str = "checkpoint") 
     return save(out, metadata=meta), meta
 
 
-def safetensors_to_pt(data: bytes) -> tuple[bytes, dict[str, str]]:
+def safetensors_to_pt(data: bytes, name: str = "checkpoint") -> tuple[bytes, dict[str, str]]:
     """safetensors bytes -> (torch.save bytes of a flat state dict, the dropped metadata)."""
     import torch
     from safetensors.torch import load
 
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_len])
-    meta = header.get("__metadata__") or {}
-    tensors = load(data)
+    try:
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        meta = header.get("__metadata__") or {}
+        tensors = load(data)
+    except Exception as e:  # safetensors' own checks are stricter than the splitter's (dtypes it lacks)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise NotACheckpoint(f"{name}: the safetensors library cannot load it: {first}") from None
     ordered = {k: tensors[k] for k in header if k != "__metadata__"}  # keep the file's order
     buf = io.BytesIO()
     torch.save(ordered, buf)
@@ -189,16 +213,26 @@ def export_bytes(repo: Repository, rev: str | bytes, path: str, fmt: str, strict
     label = f"{rev if isinstance(rev, str) else rev.hex()[:12]}:{path}"
     src = "safetensors" if manifest.format == "safetensors" else "pt"
     n_tensors = sum(1 for s in manifest.segments if s.kind == "tensor")
-    if manifest.format == "bytes" and path.endswith(".safetensors"):
-        raise FormatError(f"{label}: not a valid safetensors file")
+    if manifest.format == "bytes":
+        # no tensors found in it: only a legacy (non-zip) torch.save pickle can still be one
+        if path.endswith(".safetensors"):
+            raise NotACheckpoint(f"{label}: not a valid safetensors file (stored as plain bytes)")
+        with repo.open(rev, path) as f:
+            head = f.read(2)
+        if len(head) < 2 or head[0] != 0x80:
+            raise NotACheckpoint(f"{label}: not a checkpoint (neither safetensors nor a torch.save file)")
     with repo.open(rev, path) as f:
-        if src == fmt:
+        if src == fmt and manifest.format != "bytes":
             data = f.read()
             return data, ExportResult(label, "", fmt, n_tensors, len(data), copied=True)
         if src == "safetensors":
-            data, dropped = safetensors_to_pt(f.read())
+            data, dropped = safetensors_to_pt(f.read(), label)
             return data, ExportResult(label, "", fmt, n_tensors, len(data), dropped_metadata=dropped)
         obj = load_weights_only(f, label)
+        if fmt == "pt":  # a legacy (non-zip) torch.save file that loads weights-only: copied as it is
+            f.seek(0)
+            data = f.read()
+            return data, ExportResult(label, "", fmt, _count_tensors(obj), len(data), copied=True)
     data, meta = pt_to_safetensors(obj, strict, label)
     n = int.from_bytes(data[:8], "little")
     n_tensors = sum(1 for k in json.loads(data[8 : 8 + n]) if k != "__metadata__")
@@ -216,9 +250,11 @@ def export_file(repo: Repository, rev: str | bytes, path: str, out: str | os.Pat
         with open(tmp, "wb") as fh:
             fh.write(data)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise NoSpace(f"no space left on device: writing {out} ({e.strerror})") from e
         raise
     res.output = out
     return res

@@ -18,13 +18,31 @@ below; nothing is demoted for it.
 Encoding runs on a small thread pool (zstd and numpy release the GIL); at most a few
 chunks are in flight and records are written in bounded batches, so memory stays
 bounded for a file of any size (the file itself is memory-mapped).
+
+A full disk (``NoSpace``) in the middle of an ingest leaves the batches written before it:
+records nothing references yet. Each ingest keeps a journal of what it added (``Written``:
+records that were not there before, index keys, its manifest when new). When the write
+section (``Repository.writing()``) in which a write failed for lack of space ends, its
+ingests' additions that nothing references are removed: under the exclusive side of the gc
+lock (so no writer is between finding a record and referencing it: another process may
+have deduplicated against one of ours), in one write transaction that checks every
+reference a root can reach them through (refs, stage and index entries, every other object,
+and delta bases of every record), see ``_remove_unreferenced``. If another process is
+writing, they are left for ``coralfs gc``, and the error says so; if even the removal finds
+no space, it says that.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import mmap
 import os
+import re
+import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,12 +51,16 @@ from dataclasses import dataclass, field
 import pyfastcdc
 
 from coralfs import records
-from coralfs.errors import CoralError
+from coralfs.errors import ConcurrentUpdate, CoralError, NoSpace
 from coralfs.formats import Region, split
-from coralfs.hashing import digest
-from coralfs.objects import Manifest, Piece, Segment
+from coralfs.hashing import ID_LEN, digest
+from coralfs.keys import HASHED, MAX_INLINE
+from coralfs.locks import gate_for
+from coralfs.objects import Commit, Manifest, Piece, Segment, Tag, Tree, deserialize
 from coralfs.objectstore import ObjectStore
 from coralfs.store import Txn
+
+log = logging.getLogger(__name__)
 
 # Tensor piece size. Measured with bench/piece_size.py (bench/RESULTS.md), 1 MiB vs 4 MiB:
 # +0.06% bytes, same ingest time, the newest fp32 fine-tune version read in 0.43-0.45 s
@@ -73,14 +95,66 @@ class IngestStats:
             self.by_codec[k] = self.by_codec.get(k, 0) + v
 
 
+@dataclass
+class Written:
+    """What one ingest added to the store: records that were not there before, index keys
+    (pending demotions, tensor base entries) and its manifest when it was new."""
+
+    chunks: list[bytes] = field(default_factory=list)
+    keys: list[bytes] = field(default_factory=list)
+    objects: list[bytes] = field(default_factory=list)
+    failed: bool = False
+
+    def add(self, chunks: list[bytes], keys: list[bytes], objects: list[bytes] | None = None) -> None:
+        self.chunks += chunks
+        self.keys += keys
+        self.objects += objects or []
+
+
+@dataclass
+class Removed:
+    chunks: int = 0
+    bytes: int = 0
+    objects: int = 0
+    kept: int = 0  # this ingest's records that something references after all (deduplicated by another writer)
+
+
+_HEX_ID = re.compile(rb"[0-9a-f]{%d}" % (2 * ID_LEN))
+
+
+def _clear_frames(exc: BaseException) -> None:
+    """Drop the locals of the finished frames in the tracebacks of ``exc`` and the exceptions
+    chained to it (the lines stay for a traceback print)."""
+    stack: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        stack += [e.__cause__, e.__context__]
+
+
 def pending_key(new: bytes, prev: bytes) -> bytes:
     """Index key of a pending demotion: ordered by time, so the repacker demotes a lineage's
     versions oldest first (each one's chain accounting is final before the next)."""
     return PENDING_PREFIX + time.time_ns().to_bytes(8, "big") + new + prev
 
 
+TENSOR_INDEX = b"tb\x00"
+
+
 def tensor_index_key(dtype: str, name: str, piece: int) -> bytes:
-    return b"tb\x00" + dtype.encode() + b"\x00" + name.encode() + b"\x00" + str(piece).encode()
+    """``tb\0<dtype>\0<name>\0<piece>``; past ``keys.MAX_INLINE`` bytes (LMDB refuses keys over
+    511) ``tb\0/`` + BLAKE3(dtype\0name) + ``\0<piece>`` instead. A dtype never starts with
+    ``/``, and keys that fit are the ones every earlier version wrote (their delta bases stay)."""
+    ident = dtype.encode("utf-8", "surrogatepass") + b"\x00" + name.encode("utf-8", "surrogatepass")
+    tail = b"\x00" + str(piece).encode()
+    key = TENSOR_INDEX + ident + tail
+    if len(key) <= MAX_INLINE:
+        return key
+    return TENSOR_INDEX + HASHED + digest(ident) + tail
 
 
 class MappedFile:
@@ -93,9 +167,16 @@ class MappedFile:
         self.view = memoryview(self._mm) if self._mm is not None else memoryview(b"")
 
     def close(self) -> None:
-        self.view.release()
-        if self._mm is not None:
-            self._mm.close()
+        """Never raises BufferError: when an error unwinds an ingest, its traceback still holds
+        slices of the view (the map is then unmapped when the last of them goes), and closing
+        the map under them used to replace that error with 'cannot close exported pointers exist'."""
+        try:
+            self.view.release()
+            if self._mm is not None:
+                self._mm.close()
+        except BufferError:
+            pass
+        self._mm = None
         self._f.close()
 
     def __enter__(self) -> MappedFile:
@@ -111,6 +192,150 @@ class Ingestor:
         self.max_depth = max_depth
         self.threads = threads
         self._cdc = pyfastcdc.FastCDC(avg_size=CDC_AVG, min_size=CDC_MIN, max_size=CDC_MAX)
+        # the repository's gc interlock (the store lives in REPO/.coralfs/store, the lock beside it)
+        self._gate = gate_for(os.path.join(os.path.dirname(os.path.abspath(ostore.store.path)), "gc.lock"))
+        self._section = threading.local()  # this thread's journals of the current write section
+
+    # -- a full disk: remove what a failed ingest left ----------------------------
+    def _journal(self) -> Written:
+        """A new ingest's journal, in the current write section's list (registered once per section)."""
+        w = Written()
+        if self._gate.in_shared():
+            journal = getattr(self._section, "journal", None)
+            if journal is None:
+                journal = self._section.journal = []
+                self.ostore.store.nospace_seen(clear=True)
+                self._gate.at_exit(lambda exc: self._section_end(exc, None))
+            journal.append(w)
+        return w
+
+    def _section_end(self, exc: BaseException | None, journal: list[Written] | None) -> None:
+        """A write section ended (``exc``: what it ended with). If a write in it failed for lack of
+        space, remove what its ingests added that nothing references, and say so in the error."""
+        if journal is None:
+            journal, self._section.journal = getattr(self._section, "journal", None) or [], None
+        store_full = self.ostore.store.nospace_seen(clear=True)
+        if not (isinstance(exc, NoSpace) or store_full or any(w.failed for w in journal)):
+            return
+        if not any(w.chunks or w.objects or w.keys for w in journal):
+            return
+        note = self._discard(journal)
+        if isinstance(exc, NoSpace):
+            exc.args = (f"{exc.args[0] if exc.args else exc}; {note}",)
+        else:
+            log.warning("a write failed for lack of space; %s", note)
+
+    def _discard(self, journal: list[Written]) -> str:
+        chunks = {c for w in journal for c in w.chunks}
+        n = len(chunks)
+        try:
+            with self._gate.exclusive(wait=False):
+                removed = self.ostore.store.write(
+                    lambda t: self._remove_unreferenced(t, chunks, {o for w in journal for o in w.objects},
+                                                        [k for w in journal for k in w.keys]))
+        except ConcurrentUpdate:
+            return (f"the {n} new chunk(s) stored before the failure are left for `coralfs gc` (another process "
+                    "is writing to the repository, so they could not be removed safely now)")
+        except CoralError as e:  # NoSpace again, or a repository gc would not collect either
+            return (f"the {n} new chunk(s) stored before the failure could not be removed ({e}); `coralfs gc` "
+                    "removes them once there is space")
+        if removed is None:
+            return (f"the {n} new chunk(s) stored before the failure are left for `coralfs gc` (the repository holds an "
+                    "object that cannot be read, so what references them is unknown: run `coralfs fsck`)")
+        # LMDB reuses pages a transaction freed only from the transaction after the next one: this
+        # small write (a note, as gc leaves one) lets a rerun of the ingest reuse them at once
+        with contextlib.suppress(CoralError):
+            note = {"time": time.time(), "chunks_removed": removed.chunks, "bytes_removed": removed.bytes}
+            self.ostore.store.write(lambda t: t.put("config", b"nospace", json.dumps(note).encode()))
+        kept = f"; {removed.kept} kept: another writer uses them" if removed.kept else ""
+        if not removed.chunks and not removed.objects:
+            return f"nothing was left behind{kept}"
+        what = f"the {removed.chunks} new chunk(s) ({removed.bytes / 2**20:.1f} MiB)"
+        if removed.objects:
+            what += f" and {removed.objects} manifest(s)"
+        return f"{what} stored before the failure were removed{kept}; nothing is left behind"
+
+    @staticmethod
+    def _remove_unreferenced(t: Txn, chunks: set[bytes], objects: set[bytes], keys: list[bytes]) -> Removed | None:
+        """In one write transaction, under the exclusive gc lock: delete the records in ``chunks``
+        and objects in ``objects`` that nothing references, and the index ``keys`` that point at
+        what was deleted. Returns None (nothing deleted) if an object cannot be read.
+
+        A root reaches a record through refs (commit or tag ids), stage and index entries (JSON
+        naming manifests: staged files, the mount's pending files), objects (tag -> commit ->
+        tree -> manifest -> records) and delta bases (a record that names another as its base).
+        Everything that mentions an id is taken as a reference, reachable or not: ids in ref
+        values, hex ids anywhere in stage and index values, every id any other object names, and
+        every base any record names. What is left is referenced by nothing, and no writer can be
+        about to reference it: writers hold the shared side of the lock from their first record
+        until what they wrote is referenced. So deleting it cannot touch anyone's data."""
+        mentioned: set[bytes] = set()
+        for _, v in t.items("refs"):
+            if len(v) == ID_LEN:
+                mentioned.add(v)
+        for db in ("stage", "index"):
+            for _, v in t.items(db):
+                mentioned.update(bytes.fromhex(h.decode()) for h in _HEX_ID.findall(v))
+        for oid, data in t.items("objects"):
+            if oid in objects:
+                continue
+            try:
+                obj = deserialize(data)
+            except Exception:  # noqa: BLE001 - an object nobody can read: what it references is unknown
+                return None
+            if isinstance(obj, Manifest):
+                mentioned.update(obj.chunk_ids())
+            elif isinstance(obj, Tree):
+                mentioned.update(e.manifest for e in obj.entries.values())
+            elif isinstance(obj, Commit):
+                mentioned.add(obj.tree)
+                mentioned.update(obj.parents)
+            elif isinstance(obj, Tag):
+                mentioned.add(obj.commit)
+        dead_objects = {o for o in objects if o not in mentioned and t.has("objects", o)}
+        for o in objects - dead_objects:  # one of ours that is referenced: its records are too
+            data = t.get("objects", o)
+            if data is not None:
+                try:
+                    mentioned.update(deserialize(bytes(data)).chunk_ids())  # type: ignore[union-attr]
+                except Exception:  # noqa: BLE001
+                    return None
+        dead = {c for c in chunks if c not in mentioned}
+        users: dict[bytes, list[bytes]] = {}  # candidate -> records naming it as a delta base
+        sizes: dict[bytes, int] = {}  # candidates present now (gc of another process may have got some)
+        for cid, size, head in t.scan("chunks", records.PEEK_LEN):
+            if cid in chunks:
+                sizes[cid] = size
+            try:
+                bases = records.parse_header(head).bases
+            except CoralError:
+                return None
+            for b in bases:
+                if b in chunks:
+                    users.setdefault(b, []).append(cid)
+        changed = True
+        while changed:  # a base of anything that stays, stays
+            changed = False
+            for c in list(dead):
+                if any(u not in dead for u in users.get(c, ())):
+                    dead.discard(c)
+                    changed = True
+        dead &= set(sizes)
+        out = Removed(kept=len(sizes) - len(dead))
+        for k in keys:
+            if k.startswith(PENDING_PREFIX):
+                if k[len(PENDING_PREFIX) + 8 :][:ID_LEN] in dead:
+                    t.delete("index", k)
+            elif t.get("index", k) in dead:
+                t.delete("index", k)
+        for o in dead_objects:
+            t.delete("objects", o)
+            out.objects += 1
+        for c in dead:
+            t.delete("chunks", c)
+            out.chunks += 1
+            out.bytes += sizes[c]
+        return out
 
     # -- cutting ---------------------------------------------------------------
     def _bytes_pieces(self, view: memoryview, r: Region) -> Iterator[tuple[int, int]]:
@@ -196,17 +421,43 @@ class Ingestor:
         return records.encode_tensor(raw, width, base, base2, depth, gen)
 
     @staticmethod
-    def _write(t: Txn, items: list[tuple[bytes, bytes]], pending: list[tuple[bytes, bytes]]) -> None:
-        """New records and the demotions they queue, in one write transaction."""
+    def _write(t: Txn, items: list[tuple[bytes, bytes]], pending: list[tuple[bytes, bytes]]
+               ) -> tuple[list[bytes], list[bytes]]:
+        """New records and the demotions they queue, in one write transaction; returns the ids of
+        the records it added (not there before) and the index keys it wrote."""
+        chunks, keys = [], []
         for cid, rec in items:
-            t.put("chunks", cid, rec, overwrite=False)
+            if t.put("chunks", cid, rec, overwrite=False):
+                chunks.append(cid)
         for new, prev in pending:
-            t.put("index", pending_key(new, prev), b"")
+            key = pending_key(new, prev)
+            t.put("index", key, b"")
+            keys.append(key)
+        return chunks, keys
 
     # -- ingest ----------------------------------------------------------------
     def ingest(self, view: memoryview, name: str = "", prev: Manifest | None = None,
                progress: Progress | None = None) -> tuple[bytes, Manifest, IngestStats]:
-        """Store ``view``'s chunks and its manifest; returns (manifest id, manifest, stats)."""
+        """Store ``view``'s chunks and its manifest; returns (manifest id, manifest, stats).
+
+        A full disk is ``NoSpace``; what the ingest had written by then is removed when its write
+        section ends (see ``Written``)."""
+        written = self._journal()
+        try:
+            return self._ingest(view, name, prev, progress, written)
+        except BaseException as e:
+            # the finished frames of the traceback hold slices of ``view``: the caller could not
+            # close a memory map under them ("BufferError: cannot close exported pointers exist"
+            # replaced the real error)
+            _clear_frames(e)
+            if isinstance(e, NoSpace):
+                written.failed = True
+                if not self._gate.in_shared():  # no write section to wait for: clean up now
+                    self._section_end(e, [written])
+            raise
+
+    def _ingest(self, view: memoryview, name: str, prev: Manifest | None, progress: Progress | None,
+                written: Written) -> tuple[bytes, Manifest, IngestStats]:
         size = len(view)
         fmt, regions = split(view, name)
         prev_tensors = prev.tensors() if prev is not None else {}
@@ -222,7 +473,7 @@ class Ingestor:
         def flush() -> None:
             nonlocal batch, demotions, batch_bytes
             if batch:
-                self.ostore.store.write(lambda t: self._write(t, batch, demotions))
+                written.add(*self.ostore.store.write(lambda t: self._write(t, batch, demotions)))
                 batch, demotions, batch_bytes = [], [], 0
 
         def drain(limit: int) -> None:
@@ -284,12 +535,16 @@ class Ingestor:
             raise CoralError("internal error: segments do not cover the file")
         tail, tail_demotions = batch, demotions
 
-        def finish(t: Txn) -> bytes:
+        def finish(t: Txn) -> tuple[bytes, bool, list[bytes], list[bytes]]:
             # the last chunks, the tensor base index and the manifest: one transaction (one fsync)
-            self._write(t, tail, tail_demotions)
+            chunks, keys = self._write(t, tail, tail_demotions)
             for k, v in index_updates.items():
                 t.put("index", k, v)
-            return self.ostore.put_object(t, manifest)
+            data = manifest.serialize()
+            mid = digest(data)
+            new = t.put("objects", mid, data, overwrite=False)  # ObjectStore.put_object, telling if it is new
+            return mid, new, chunks, keys + list(index_updates)
 
-        mid = self.ostore.store.write(finish)
+        mid, new_manifest, chunks, keys = self.ostore.store.write(finish)
+        written.add(chunks, keys, [mid] if new_manifest else [])
         return mid, manifest, stats

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from coralfs.errors import ConcurrentUpdate
+
+log = logging.getLogger(__name__)
 
 _gates: dict[str, GcGate] = {}
 _gates_lock = threading.Lock()
@@ -54,17 +57,46 @@ class GcGate:
     def _depth(self) -> int:
         return getattr(self._local, "depth", 0)
 
+    def in_shared(self) -> bool:
+        """Whether this thread is inside a shared section (or the exclusive side's shared re-entry)."""
+        return self._depth() > 0
+
+    def at_exit(self, fn: Callable[[BaseException | None], None]) -> None:
+        """Call ``fn(exception or None)`` when this thread's outermost shared section ends, after
+        it has let go of the shared side (so ``fn`` may take the exclusive side): ingest uses it
+        to remove what a write that failed for lack of space left behind (coralfs.ingest)."""
+        if not self._depth():
+            raise RuntimeError("at_exit outside a shared section")
+        hooks = getattr(self._local, "hooks", None)
+        if hooks is None:
+            hooks = self._local.hooks = []
+        hooks.append(fn)
+
+    def _run_hooks(self, exc: BaseException | None) -> None:
+        hooks, self._local.hooks = getattr(self._local, "hooks", None), None
+        for fn in hooks or ():
+            try:
+                fn(exc)
+            except Exception:  # noqa: BLE001 - a hook never replaces the section's own outcome
+                log.warning("a write-section exit hook failed", exc_info=True)
+
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
         """Writers: any number at once, in any process; never while gc runs. Re-entrant per
         thread, and inside the exclusive side of the same thread."""
         me = threading.get_ident()
+        exc: BaseException | None = None
         if self._depth() or self._owner == me:
             self._local.depth = self._depth() + 1
             try:
                 yield
+            except BaseException as e:
+                exc = e
+                raise
             finally:
                 self._local.depth -= 1
+                if not self._local.depth:  # inside this thread's exclusive side
+                    self._run_hooks(exc)
             return
         with self._cond:
             while self._owner is not None or self._waiting or self._acquiring:
@@ -92,6 +124,9 @@ class GcGate:
         self._local.depth = 1
         try:
             yield
+        except BaseException as e:
+            exc = e
+            raise
         finally:
             self._local.depth = 0
             with self._cond:
@@ -100,12 +135,16 @@ class GcGate:
                     os.close(self._fd)  # releases the shared flock
                     self._fd = None
                 self._cond.notify_all()
+            self._run_hooks(exc)
 
     @contextlib.contextmanager
     def exclusive(self, wait: bool = True) -> Iterator[None]:
         """gc: waits for this process's writers; then, across processes, waits for (or with
         ``wait=False`` refuses, ConcurrentUpdate) writers of other processes."""
         me = threading.get_ident()
+        if self._owner == me:  # re-entrant: this thread has it already
+            yield
+            return
         if self._depth():
             raise ConcurrentUpdate("gc cannot run inside a write (this thread holds the write lock)")
         with self._cond:

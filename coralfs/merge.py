@@ -33,7 +33,12 @@ state dict is one tensor.
 Non-tensor content of a checkpoint (safetensors ``__metadata__`` keys, non-tensor
 values of a ``.pt`` such as a step counter) is merged three-way too; when both sides
 changed it, a ``theirs`` strategy for its name takes theirs, any other strategy keeps
-ours (with a note), no strategy is a conflict. Non-checkpoint files that both sides
+ours (with a note), no strategy is a conflict. A ``.pt`` value that holds tensors and
+that both sides changed in a way the tensor-by-tensor merge cannot pair up (a list that
+grew on one side, a tensor replaced by a plain value, ...) is never settled by keeping
+ours: only an ``ours``/``theirs`` rule for its name resolves it, else it is a conflict
+naming the file and the value. Mappings merge key by key whatever their type (a
+``state_dict()`` OrderedDict against a plain dict re-saved elsewhere), as ours' type. Non-checkpoint files that both sides
 changed are resolved only by an ``ours``/``theirs`` rule matching the file path, or a
 global ``ours``/``theirs`` strategy.
 
@@ -250,8 +255,11 @@ def arithmetic_problem(strategy: str, b: Segment | None, o: Segment | None, t: S
         return "deleted on one side and changed on the other"
     if o.dtype != t.dtype:
         return f"dtype differs (ours {o.dtype}, theirs {t.dtype})"
-    if o.shape != t.shape or o.length != t.length:
+    if o.shape != t.shape:
         return f"shape differs (ours {list(o.shape or ())}, theirs {list(t.shape or ())}): never broadcast"
+    if o.length != t.length:
+        return (f"storage size differs (ours {o.length} bytes, theirs {t.length}: a view of a larger storage "
+                "on one side): never broadcast")
     if strategy in ("task-arithmetic", "ties"):
         if b is None:
             return f"{strategy} needs the tensor in the merge base, which lacks it"
@@ -356,16 +364,20 @@ def _pickle_of(repo: Repository, m: Manifest | None) -> bytes | None:
 
 
 def _walk_paths(obj: Any) -> dict[str, Any]:
-    """path -> tensor for every tensor in a loaded checkpoint (first path wins), named like the manifest."""
+    """path -> tensor for every tensor in a loaded checkpoint (first path wins), named like the manifest
+    (``formats.torchpickle``): depth first, in order; a tensor at the empty path (the checkpoint is
+    one tensor) is named by its storage's key, which torch.save numbers in this same order."""
     import torch
 
     out: dict[str, Any] = {}
     seen: set[int] = set()
+    storages: dict[int, int] = {}  # storage -> its key in torch.save's numbering (order of first use)
     stack: list[tuple[str, Any]] = [("", obj)]
     while stack:
         path, x = stack.pop()
         if isinstance(x, torch.Tensor):
-            out.setdefault(path, x)
+            key = storages.setdefault(_cdata(x), len(storages))
+            out.setdefault(path or str(key), x)
             continue
         if id(x) in seen:
             continue
@@ -380,8 +392,45 @@ def _walk_paths(obj: Any) -> dict[str, Any]:
     return out
 
 
+def _has_tensor(x: Any) -> bool:
+    import torch
+
+    stack, seen = [x], set()
+    while stack:
+        v = stack.pop()
+        if isinstance(v, torch.Tensor):
+            return True
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if isinstance(v, Mapping):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return False
+
+
+def _kind(x: Any) -> str:
+    import torch
+
+    if x is _MISSING:
+        return "absent"
+    if isinstance(x, torch.Tensor):
+        return "a tensor"
+    if isinstance(x, (Mapping, list, tuple)):
+        return f"{_a(type(x).__name__)} of {len(x)}"
+    return _a(type(x).__name__)
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
+
+
 def _join(path: str, key: Any) -> str:
-    k = key if isinstance(key, str) else str(key)
+    try:
+        k = key if isinstance(key, str) else str(key)
+    except ValueError:  # an int past Python's digit limit: no manifest name has it either
+        k = "?"
     return f"{path}.{k}" if path else k
 
 
@@ -696,9 +745,8 @@ class _PtMerge:
 
         if isinstance(o, torch.Tensor) and isinstance(t, torch.Tensor):
             return self._tensor(path, b, o, t)
-        if isinstance(o, Mapping) and isinstance(t, Mapping) and type(o) is type(t) and \
-                (b is _MISSING or isinstance(b, Mapping)):
-            return self._mapping(path, b, o, t)
+        if isinstance(o, Mapping) and isinstance(t, Mapping) and (b is _MISSING or isinstance(b, Mapping)):
+            return self._mapping(path, b, o, t)  # a dict and an OrderedDict merge key by key (ours' type)
         if isinstance(o, (list, tuple)) and type(o) is type(t) and len(o) == len(t) and type(o) in (list, tuple) \
                 and (b is _MISSING or (type(b) is type(o) and len(b) == len(o))):
             items = [self.merge(_join(path, i), b[i] if b is not _MISSING else _MISSING, o[i], t[i])
@@ -711,8 +759,27 @@ class _PtMerge:
             return o
         if b is not _MISSING and self.same(b, self.b, o, self.o):
             return t
+        if _has_tensor(o) or _has_tensor(t):
+            return self._both_changed_tensors(path, o, t)
         s = self.m._value_strategy(self.path, path or "(root)", o, t)
         return t if s == "theirs" else o
+
+    def _both_changed_tensors(self, path: str, o: Any, t: Any) -> Any:
+        """Both sides changed a value that holds tensors, in a way the tensor-by-tensor merge cannot
+        pair up (another container type or length, a tensor against a plain value, a tensor that
+        moved to another storage). Keeping ours would silently drop theirs' tensors: only an
+        explicit ours/theirs rule settles it, anything else is a conflict naming it."""
+        name = path or "(root)"
+        s = self.m.opts.for_name(name)
+        if s in ("ours", "theirs"):
+            self.m.resolved.append(Resolution(self.path, name, s))
+            return o if s == "ours" else t
+        why = (f"changed on both sides and holds tensors that cannot be merged one by one (ours {_kind(o)}, "
+               f"theirs {_kind(t)})")
+        if s is not None:
+            why += f"; {s} applies to tensors only: resolve with --strategy-for '{name}=ours' or '=theirs'"
+        self.m.conflict(self.path, name, why)
+        return o
 
     def _mapping(self, path: str, b: Any, o: Mapping, t: Mapping) -> Any:
         res = copy.copy(o)  # keeps the type and attributes (an OrderedDict's _metadata)
@@ -727,6 +794,10 @@ class _PtMerge:
                     res[k] = present  # added on one side
                 elif self.same(bv, self.b, present, side):
                     pass  # deleted on the other side, unchanged here
+                elif _has_tensor(present) or _has_tensor(bv):
+                    chosen = self._both_changed_tensors(p, ov, tv)
+                    if chosen is not _MISSING:
+                        res[k] = chosen
                 else:
                     s = self.m._value_strategy(self.path, p, ov, tv)
                     chosen = ov if s == "ours" else tv if s == "theirs" else _MISSING

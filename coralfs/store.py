@@ -27,11 +27,12 @@ from typing import TypeVar
 import lmdb
 import numpy as np
 
-from coralfs.errors import ConcurrentUpdate, CoralError
+from coralfs.errors import ConcurrentUpdate, CoralError, NoSpace
 
 DB_NAMES = ("chunks", "objects", "refs", "stage", "index", "config")
 INITIAL_MAP_SIZE = 1 << 40  # sparse on 64-bit: costs nothing until used
 WARM_BUDGET = 64 << 20  # warm_index: B-tree pages a long-lived reader keeps in memory
+LOW_SPACE = 64 << 20  # an LMDB write failing with EIO while less than this is free: the disk is full
 T = TypeVar("T")
 _OPEN: dict[tuple[int, str], list] = {}
 _OPEN_LOCK = threading.Lock()
@@ -373,6 +374,7 @@ class Store:
         elif not os.path.exists(os.path.join(self.path, "data.mdb")):
             raise CoralError(f"no store at {self.path}")
         self._lock = threading.Lock()
+        self._local = threading.local()
         self._key = (os.getpid(), os.path.realpath(self.path))
         self._closed = False
         with _OPEN_LOCK:  # LMDB allows one environment per file per process: share it
@@ -451,7 +453,12 @@ class Store:
                 t._release()
 
     def write(self, fn: Callable[[Txn], T]) -> T:
-        """Run ``fn`` in one write transaction, committed atomically; grows the map when full."""
+        """Run ``fn`` in one write transaction, committed atomically; grows the map when full.
+
+        A full file system is ``NoSpace`` (ENOSPC), whatever LMDB made of it: ``DiskError``
+        (ENOSPC, EDQUOT), or ``Error: Input/output error``, which LMDB 0.9 reports for a short
+        write (the file system filled up in the middle of one) while little space is left. The
+        transaction is then not committed, and the environment stays usable."""
         with self._txn_slot():
             for _ in range(8):
                 try:
@@ -461,7 +468,41 @@ class Store:
                     self._grow()
                 except lmdb.MapResizedError:
                     self.env.set_mapsize(0)  # adopt the size another process chose
-        raise CoralError("the store could not grow its map")
+                except lmdb.Error as e:
+                    why = self._disk_full(e)
+                    if why is None:
+                        raise
+                    self._local.nospace = True
+                    raise NoSpace(f"no space left on device: writing to the repository store {self.path} "
+                                  f"failed ({why})") from e
+        self._local.nospace = True
+        raise NoSpace(f"no space left in the repository store {self.path}: its map is full and could not grow")
+
+    def _disk_full(self, e: lmdb.Error) -> str | None:
+        """Why ``e`` means the file system is full, or None when it does not."""
+        text = str(e)
+        free = self.free_bytes()
+        shown = f"{free / 2**20:.1f} MiB free" if free is not None else "free space unknown"
+        if isinstance(e, lmdb.DiskError) or os.strerror(errno.ENOSPC) in text or os.strerror(errno.EDQUOT) in text:
+            return f"{text}; {shown}"
+        if os.strerror(errno.EIO) in text and free is not None and free < LOW_SPACE:
+            return f"{text} with {shown} on its file system"
+        return None
+
+    def free_bytes(self) -> int | None:
+        """Bytes this process may still write on the store's file system (root may use the reserve)."""
+        try:
+            st = os.statvfs(self.path)
+        except OSError:
+            return None
+        return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+    def nospace_seen(self, clear: bool = True) -> bool:
+        """Whether a write of this thread failed with NoSpace (since the flag was last cleared)."""
+        seen = getattr(self._local, "nospace", False)
+        if clear:
+            self._local.nospace = False
+        return seen
 
     def _grow(self) -> None:
         with self._lock:

@@ -459,3 +459,116 @@ def test_content_on_one_side_mode_on_the_other(repo):
     repo.commit_changes("main", {"run.sh": new}, "edit")
     merge(repo, "exp", "main")
     assert repo.entry("main", "run.sh") == TreeEntry(new.manifest, new.size, MODE_EXEC)
+
+
+# ------------------------------------------------------------------ torch.save zips written outside coralfs
+def _pt_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _sha(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def test_torch_zip_versions_merge_key_by_key_across_dict_types(repo):
+    """ours is an OrderedDict state_dict(), theirs a plain dict re-saved by another script: the merge
+    used to treat the whole root as one value and keep ours, silently dropping theirs' fc1 change."""
+    import collections
+
+    base, ours, theirs = _models()
+    o = collections.OrderedDict((k, v.clone()) for k, v in ours.items())
+    t = {k: v.clone() for k, v in theirs.items()}
+    _setup(repo, {"model.pt": _pt_bytes(collections.OrderedDict(base))}, {"model.pt": _pt_bytes(o)},
+           {"model.pt": _pt_bytes(t)})
+    res = merge(repo, "exp", "main", MergeOptions("average"))
+    assert {r.name for r in res.resolved} == set(BOTH) and not res.notes
+    got = _load(repo, "main", "model.pt")
+    assert isinstance(got, collections.OrderedDict) and list(got) == list(ours)
+    for k in ONLY_OURS:
+        assert _bits(got[k]) == _bits(ours[k]), k
+    for k in ONLY_THEIRS:
+        assert _bits(got[k]) == _bits(theirs[k]), k  # lost before
+    for k in NEITHER:
+        assert _bits(got[k]) == _bits(base[k]), k
+    for k in BOTH:
+        torch.testing.assert_close(got[k], (ours[k] + theirs[k]) / 2)
+    _forward(got)
+
+
+@pytest.mark.parametrize("case", ["list-lengths", "tensor-vs-value", "container-vs-tensor"])
+def test_torch_zip_changes_that_cannot_pair_up_are_conflicts(repo, case):
+    """Both sides changed a tensor-holding value in ways no tensor-by-tensor merge can pair up: a clear
+    MergeConflict naming the file and the value (it used to keep ours, with only a note), settled
+    only by an explicit ours/theirs rule."""
+    base, ours, theirs = _models()
+    w = base["fc2.weight"]
+    if case == "list-lengths":
+        b, o, t = [w, base["fc2.bias"]], [w + 1, base["fc2.bias"]], [w, base["fc2.bias"], torch.ones(3)]
+        name = "(root)"
+    elif case == "tensor-vs-value":
+        b, o, t = {"w": w, "extra": 1}, {"w": w, "extra": 2}, {"w": w, "extra": torch.ones(2)}
+        name = "extra"
+    else:
+        b, o, t = {"w": w, "x": [w]}, {"w": w, "x": [w * 2, w]}, {"w": w, "x": w * 3}
+        name = "x"
+    _, co, _ = _setup(repo, {"v.pt": _pt_bytes(b)}, {"v.pt": _pt_bytes(o)}, {"v.pt": _pt_bytes(t)})
+    for strategy in ("average", "task-arithmetic", "ties", None):
+        with pytest.raises(MergeConflict) as ei:
+            merge(repo, "exp", "main", MergeOptions(strategy))
+        assert [(c.path, c.name) for c in ei.value.conflicts] == [("v.pt", name)], ei.value.conflicts
+        assert "holds tensors" in str(ei.value) and "v.pt" in str(ei.value)
+        assert repo.branch_head("main") == co
+    merge(repo, "exp", "main", MergeOptions("average", rules=((name, "theirs"),)))
+    got = _load(repo, "main", "v.pt")
+    exp = t if name == "(root)" else t[name]
+    if isinstance(exp, list):
+        assert len(got) == len(exp) and all(torch.equal(a, c) for a, c in zip(got, exp, strict=True))
+    else:
+        assert torch.equal(got if name == "(root)" else got[name], exp)
+
+
+def test_torch_zip_of_one_tensor_merges(repo):
+    """torch.save(tensor): the storage is named by its key ('0'); the merge pairs it with the loaded tensor."""
+    torch.manual_seed(0)
+    b = torch.randn(16, 8)
+    o, t = b + 1, b * 3
+    _setup(repo, {"t.pt": _pt_bytes(b)}, {"t.pt": _pt_bytes(o)}, {"t.pt": _pt_bytes(t)})
+    merge(repo, "exp", "main", MergeOptions("average"))
+    got = _load(repo, "main", "t.pt")
+    assert isinstance(got, torch.Tensor) and got.shape == b.shape
+    assert _bits(got) == _bits((o * 0.5 + t * 0.5).float())
+
+
+def test_cli_merge_of_torch_zips_refuses_clearly(tmp_path):
+    """Through the real CLI: exit 8, the file and the value named, the branch and work tree unchanged."""
+    root = tmp_path / "r"
+
+    def cli_run(*args):
+        p = subprocess.run([sys.executable, "-m", "coralfs", *args], cwd=root, capture_output=True, text=True,
+                           env=dict(os.environ, CORALFS_AUTO_REPACK="0"))
+        return p.returncode, p.stdout + p.stderr
+
+    root.mkdir()
+    assert cli_run("init", ".")[0] == 0
+    base, ours, theirs = _models()
+    (root / "model.pt").write_bytes(_pt_bytes({"model": base, "extra": 1}))
+    assert cli_run("add", "model.pt")[0] == 0 and cli_run("commit", "-m", "base")[0] == 0
+    assert cli_run("checkout", "-b", "exp")[0] == 0
+    (root / "model.pt").write_bytes(_pt_bytes({"model": theirs, "extra": torch.ones(2)}))
+    assert cli_run("add", "model.pt")[0] == 0 and cli_run("commit", "-m", "theirs")[0] == 0
+    assert cli_run("checkout", "main")[0] == 0
+    ours_bytes = _pt_bytes({"model": ours, "extra": 2})
+    (root / "model.pt").write_bytes(ours_bytes)
+    assert cli_run("add", "model.pt")[0] == 0 and cli_run("commit", "-m", "ours")[0] == 0
+    rc, out = cli_run("merge", "exp", "--strategy", "average")
+    assert rc == 8 and "model.pt [extra]" in out and "holds tensors" in out, out
+    assert _sha((root / "model.pt").read_bytes()) == _sha(ours_bytes)
+    rc, out = cli_run("merge", "exp", "--strategy", "average", "--strategy-for", "extra=theirs")
+    assert rc == 0, out
+    got = torch.load(root / "model.pt", weights_only=True)
+    assert torch.equal(got["extra"], torch.ones(2))
+    assert _bits(got["model"]["emb.weight"]) == _bits(theirs["emb.weight"])
+    assert _bits(got["model"]["fc1.weight"]) == _bits(ours["fc1.weight"])
+    torch.testing.assert_close(got["model"]["fc2.weight"], (ours["fc2.weight"] + theirs["fc2.weight"]) / 2)

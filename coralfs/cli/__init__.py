@@ -33,13 +33,16 @@ unexpected errors.
 
 Exit codes: 0 ok; 1 unexpected error; 2 usage error / not a repository / invalid name,
 path or argument; other codes come from ``coralfs.errors`` (3 unknown revision or path,
-4 ref exists, 5 nothing to commit, 6 would overwrite, ...); 130 interrupted.
+4 ref exists, 5 nothing to commit, 6 would overwrite, 8 merge conflict, 9 corruption,
+11 not a checkpoint, 12 no space left on device: also for an ``OSError`` ENOSPC/EDQUOT
+from anywhere, ...); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import importlib
 import json
 import math
@@ -50,7 +53,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from coralfs import __version__
-from coralfs.errors import CoralError, InvalidArgument
+from coralfs.errors import CoralError, InvalidArgument, NoSpace
 
 #: Submodules of ``coralfs.cli`` that define commands (each has ``register(subparsers)``).
 #: Order is the order of commands in ``coralfs --help``.
@@ -318,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f": {e.filename}" if e.filename else ""
+            _error(f"{NoSpace.__doc__}{where} ({e.strerror})")
+            return NoSpace.exit_code
         if isinstance(e, OSError) and e.strerror:
             _error(f"{e.strerror}: {e.filename}" if e.filename else e.strerror)
         else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-from coralfs.formats import NotThisFormat, Region, fill_gaps
+from coralfs.formats import NotThisFormat, Region, fill_gaps, usable_name, valid_shape
 from coralfs.formats.torchpickle import read_storages
 
 _EOCD = b"PK\x05\x06"
@@ -42,6 +42,8 @@ def _members(buf: memoryview) -> list[tuple[str, int, int, int]]:
         count, cd_size, cd_off = struct.unpack_from("<QQQ", buf, off64 + 32)
     if cd_off + cd_size > size:
         raise NotThisFormat("central directory out of range")
+    if count > cd_size // 46 + 1:  # an entry takes at least 46 bytes
+        raise NotThisFormat("central directory entry count out of range")
     out = []
     p = cd_off
     for _ in range(count):
@@ -63,11 +65,15 @@ def _members(buf: memoryview) -> list[tuple[str, int, int, int]]:
 
 
 def _zip64_extra(extra: bytes, csize: int, usize: int, lho: int) -> tuple[int, int, int]:
+    """Sizes and offset from a zip64 extra field (tag 1), for those the entry marks 0xFFFFFFFF.
+    A field that is cut short or claims more bytes than the entry has is read only as far as it
+    goes; a value the entry needs and the field lacks is NotThisFormat."""
     i = 0
     while i + 4 <= len(extra):
         tag, ln = struct.unpack_from("<HH", extra, i)
+        body = extra[i + 4 : i + 4 + ln]  # shorter than ln when the field lies about its length
         if tag == 1:
-            vals = list(struct.unpack_from(f"<{ln // 8}Q", extra, i + 4))
+            vals = list(struct.unpack_from(f"<{len(body) // 8}Q", body))
             if usize == 0xFFFFFFFF and vals:
                 usize = vals.pop(0)
             if csize == 0xFFFFFFFF and vals:
@@ -75,6 +81,8 @@ def _zip64_extra(extra: bytes, csize: int, usize: int, lho: int) -> tuple[int, i
             if lho == 0xFFFFFFFF and vals:
                 lho = vals.pop(0)
         i += 4 + ln
+    if 0xFFFFFFFF in (csize, lho):
+        raise NotThisFormat("zip64 size or offset missing from the extra field")
     return csize, usize, lho
 
 
@@ -92,12 +100,19 @@ def regions(buf: memoryview) -> list[Region]:
         except ValueError:
             storages = {}  # dtypes unknown: tensors are still split out, with width 1
     tensors = []
+    used: set[str] = set()
     for mname, start, length, _ in data:
         key = mname.rsplit("/data/", 1)[1]
         info = storages.get(key)
+        name = info.name if info is not None and usable_name(info.name) else ""
+        if not name or name in used:  # names must be unique in a manifest
+            name = f"data/{key}"
+            while name in used:
+                name += "'"
+        used.add(name)
         if info is not None:
-            tensors.append(Region("tensor", start, start + length, info.name or f"data/{key}", info.dtype,
-                                  info.width if length % info.width == 0 else 1, info.shape))
+            width = info.width if length % info.width == 0 else 1
+            tensors.append(Region("tensor", start, start + length, name, info.dtype, width, valid_shape(info.shape)))
         else:
-            tensors.append(Region("tensor", start, start + length, f"data/{key}", "U8", 1, None))
+            tensors.append(Region("tensor", start, start + length, name, "U8", 1, None))
     return fill_gaps(len(buf), tensors)

@@ -286,6 +286,8 @@ class CoralFS:
                 raise
         if to_set & fuse_ll.SET_ATTR_SIZE:
             self.view.truncate(path, int(a.st_size), fh, ino)
+            if fh is None:  # truncate(2): stored already, as a new version of this same inode
+                self.table.changed_here(node)
         if to_set & fuse_ll.SET_ATTR_MODE:
             if path is None:
                 raise OSError(errno.EPERM, "chmod of a file without a name")

@@ -246,6 +246,18 @@ class NodeTable:
             if node.nlookup <= 0 and not node.opens:
                 self._drop(node)
 
+    def changed_here(self, node: Node) -> None:
+        """The file was changed in place by a request on this very inode (truncate(2) by name):
+        the inode takes what its path shows now, and its cached pages are dropped at the next
+        open."""
+        if not node.path:
+            return
+        res = self.view.resolve(node.path)
+        with self._lock:
+            if self.by_path.get(node.path) is node:
+                node.token, node.attr, node.staged, node.immutable = res.token, res.attr, res.staged, res.immutable
+                node.drop_cache = True
+
     # ---------------------------------------------------------------- namespace changes made here
     def moved(self, old: str, new: str) -> None:
         """After a rename inside a branch: the nodes at ``old`` (and below) now live at ``new``."""

@@ -1,0 +1,308 @@
+"""A file opened from a branch directory is a snapshot for the life of that handle.
+
+The promise (README, "The mount"; issue 13 item 1): content, ``fstat`` size and ``mmap`` of
+an open fd stay the version it opened; a new open after a commit sees the new version,
+never a mix; the kernel's attribute and page caches never serve one version's bytes under
+another's size. And, for the fix not to cost speed: an unchanged file keeps its page cache
+when another file of the branch changes.
+
+Real FUSE mounts (the ``fuse_mount`` fixture: a subprocess each, always unmounted). The
+other process's commits go through the CLI (``coralfs add`` + ``commit``) or the Python API
+in a subprocess, never through the mount. Only the mount's public behaviour is used.
+
+``CORALFS_DEEP=1`` (``make test-deep``) runs the long variants: the stress test for
+``CORALFS_STRESS_SECONDS`` (600) and fsx for 100k operations over several seeds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.snapshot_tools import Contents, mmap_read, plan_sizes, read_fd
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = [sys.executable, "-m", "coralfs"]
+DEEP = os.environ.get("CORALFS_DEEP", "") not in ("", "0")
+MiB = 1 << 20
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
+def cli(*args: str, cwd: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run([*CLI, *args], capture_output=True, text=True, env=_env(), cwd=cwd, timeout=120)
+    assert res.returncode == 0, f"coralfs {' '.join(args)}: exit {res.returncode}\n{res.stdout}\n{res.stderr}"
+    return res
+
+
+def cli_commit(repo_root: str, path: str, data: bytes, message: str) -> None:
+    """What another user does: put the file in the work tree, ``coralfs add``, ``coralfs commit``."""
+    fp = Path(repo_root, path)
+    fp.parent.mkdir(parents=True, exist_ok=True)
+    fp.write_bytes(data)
+    cli("add", path, cwd=repo_root)
+    cli("commit", "-m", message, cwd=repo_root)
+
+
+def seeded_repo(make_repo, files: dict[str, bytes]):
+    repo = make_repo()
+    for p, data in files.items():
+        Path(repo.root, p).write_bytes(data)
+    repo.add([os.path.join(repo.root, p) for p in files])
+    repo.commit("seed")
+    return repo
+
+
+def wait_until(cond, timeout: float, what: str, every: float = 0.05):  # noqa: ANN201
+    deadline = time.monotonic() + timeout
+    while True:
+        r = cond()
+        if r:
+            return r
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(every)
+
+
+class Versions:
+    """Named versions of one file (see tests.snapshot_tools.Contents), checks of what an fd
+    shows, and a list of the problems found (a test reports them all at its end, so that one
+    run shows every way the mount got it wrong)."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.c = Contents(sizes)
+        self.data = [self.c.full(v) for v in range(len(sizes))]
+        self.problems: list[str] = []
+
+    def which(self, data: bytes) -> int | None:
+        v = self.c.by_size.get(len(data))
+        return v if v is not None and data == self.data[v] else None
+
+    def explain(self, data: bytes, size: int | None = None) -> str:
+        s = f"{len(data)} bytes"
+        if size is not None:
+            s += f", fstat size {size}"
+        return f"{s}: {self.c.describe(data, 0)}"
+
+    def problem(self, msg: str) -> None:
+        self.problems.append(msg)
+
+    def check_fd(self, fd: int, v: int, when: str, mmap_too: bool = True) -> bool:
+        """``fd`` shows exactly version ``v``: fstat size, every byte by pread, every byte by mmap."""
+        exp = self.data[v]
+        ok = True
+        size = os.fstat(fd).st_size
+        data = read_fd(fd)
+        if size != len(exp) or data != exp:
+            ok = False
+            self.problem(f"{when}: the fd must show v{v} ({len(exp)} bytes); pread from 0 and fstat show "
+                         f"{self.explain(data, size)}")
+        tail = os.pread(fd, 1 << 16, len(exp) - 100)  # past the other version's end: not cut at another size
+        if tail != exp[-100:]:
+            ok = False
+            self.problem(f"{when}: pread of v{v}'s last 100 bytes returned {self.explain(tail)}")
+        if mmap_too:
+            mdata, err = mmap_read(fd, len(exp))
+            if err is not None or mdata != exp:
+                ok = False
+                self.problem(f"{when}: mmap of the fd (v{v}, {len(exp)} bytes): {err or 'wrong bytes'}; "
+                             f"read {self.explain(mdata)}")
+        return ok
+
+    def open_and_identify(self, path: str, when: str, allowed: set[int]) -> tuple[int, int | None]:
+        """Open ``path``: ``(fd, v)`` if it shows one of ``allowed`` whole with that version's
+        size, else ``(fd, None)`` and a problem."""
+        fd = os.open(path, os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        data = read_fd(fd)
+        v = self.which(data)
+        if v is None or v not in allowed or size != len(data):
+            self.problem(f"{when}: a new open must show one of {', '.join(f'v{x}' for x in sorted(allowed))} whole "
+                         f"with its size; it shows {self.explain(data, size)}")
+            return fd, None
+        return fd, v
+
+    def assert_none(self) -> None:
+        if self.problems:
+            raise AssertionError(f"{len(self.problems)} problem(s):\n- " + "\n- ".join(self.problems[:40]))
+
+
+def poll_new_opens(vs: Versions, path: str, want: int, allowed: set[int], when: str, timeout: float = 15) -> bool:
+    """Open ``path`` again and again until it shows ``want`` (at most ``timeout`` s); every open
+    meanwhile must show one of ``allowed`` whole (else a problem, and stop)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        n = len(vs.problems)
+        fd, v = vs.open_and_identify(path, when, allowed)
+        os.close(fd)
+        if v == want:
+            return True
+        if len(vs.problems) > n:
+            return False
+        if time.monotonic() > deadline:
+            vs.problem(f"{when}: after {timeout} s, new opens still do not show v{want}")
+            return False
+        time.sleep(0.05)
+
+
+# ====================================================================== deterministic
+def test_open_fd_keeps_its_version_when_the_branch_moves(make_repo, fuse_mount) -> None:
+    """Issue 13 item 1, deterministic: v0 (3 MiB) open and read; another process commits v1
+    (700 KiB); the open fd still shows v0 (pread, fstat, mmap); a new open shows v1."""
+    vs = Versions([3 * MiB, 700 * 1024])
+    v0, v1 = vs.data
+    repo = seeded_repo(make_repo, {"f.bin": v0, "other.bin": b"unchanged" * 1000})
+    m = fuse_mount(repo.root)
+    path = m / "main/f.bin"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        vs.check_fd(fd, 0, "1. before the commit")
+        cli_commit(repo.root, "f.bin", v1, "v1: 700 KiB")
+        vs.check_fd(fd, 0, "2. right after another process committed v1", mmap_too=False)
+        time.sleep(1.0)  # the mount polls the refs (0.2 s): let it notice before anything else looks
+        vs.check_fd(fd, 0, "3. a second after the commit")
+        # a new open shows v1 once the mount has noticed; meanwhile only whole v0 or whole v1
+        poll_new_opens(vs, path, 1, {0, 1}, "4. new opens after the commit")
+        vs.check_fd(fd, 0, "5. the old fd once new opens were made")
+        st = os.stat(path)
+        if st.st_size != len(v1):
+            vs.problem(f"6. stat of the path after the commit: size {st.st_size}, v1 has {len(v1)}")
+        fd2, v = vs.open_and_identify(path, "7. a new open after the commit", {1})
+        try:
+            if v is not None:
+                vs.check_fd(fd2, 1, "8. the new open")
+            vs.check_fd(fd, 0, "9. the old fd while a new fd shows v1")
+            if v is not None:
+                vs.check_fd(fd2, 1, "10. the new open after the old fd was read again")
+        finally:
+            os.close(fd2)
+    finally:
+        os.close(fd)
+    fd3, v = vs.open_and_identify(path, "11. an open after every fd was closed", {1})
+    os.close(fd3)
+    vs.assert_none()
+
+
+def test_reopen_right_after_a_commit_sees_one_whole_version(make_repo, fuse_mount) -> None:
+    """Commits of very different sizes, each followed at once (no sleep) by a new open: it
+    shows the old or the new version, whole, with that version's size (fstat and mmap), and
+    keeps showing it after the mount has noticed the commit; the fd opened before the commit
+    keeps the old one."""
+    rounds = 6
+    vs = Versions([3 * MiB + 123, *plan_sizes(rounds, seed=5, lo=90 << 10, hi=5 * MiB)])
+    repo = seeded_repo(make_repo, {"f.bin": vs.data[0]})
+    m = fuse_mount(repo.root)
+    path = m / "main/f.bin"
+    for new in range(1, rounds + 1):
+        old = new - 1
+        if len(vs.problems) > 12:
+            break
+        if not poll_new_opens(vs, path, old, {old}, f"round {new}: before the commit"):
+            continue
+        fd_old = os.open(path, os.O_RDONLY)
+        try:
+            vs.check_fd(fd_old, old, f"round {new}: the fd opened before the commit", mmap_too=False)
+            cli_commit(repo.root, "f.bin", vs.data[new], f"v{new}")
+            fd_now, v_now = vs.open_and_identify(path, f"round {new}: an open right after the commit", {old, new})
+            try:
+                if v_now is not None:
+                    vs.check_fd(fd_now, v_now, f"round {new}: the fd opened right after the commit (v{v_now})")
+                vs.check_fd(fd_old, old, f"round {new}: the fd opened before the commit")
+                poll_new_opens(vs, path, new, {old, new}, f"round {new}: new opens after the commit")
+                if v_now is not None:
+                    vs.check_fd(fd_now, v_now, f"round {new}: the fd opened right after the commit, "
+                                f"once new opens show v{new}")
+                vs.check_fd(fd_old, old, f"round {new}: the fd opened before the commit, once new opens show v{new}")
+            finally:
+                os.close(fd_now)
+        finally:
+            os.close(fd_old)
+    vs.assert_none()
+
+
+# ====================================================================== page cache kept
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+
+
+class Mapping:
+    """A read-only shared mapping of a whole file, and which of its pages are in the page cache
+    (``mincore``: for a file mapping it reports the page cache, whether or not this process
+    touched the page)."""
+
+    def __init__(self, fd: int, length: int) -> None:
+        self.length = length
+        addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        self.addr = addr
+
+    def resident(self) -> float:
+        pages = (self.length + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        if _libc.mincore(self.addr, self.length, vec) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        return sum(b & 1 for b in vec) / pages
+
+    def close(self) -> None:
+        _libc.munmap(self.addr, self.length)
+
+
+def resident_fraction(path: str) -> float:
+    """Open ``path`` anew and tell how much of it the page cache holds (without reading it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mp = Mapping(fd, os.fstat(fd).st_size)
+        try:
+            return mp.resident()
+        finally:
+            mp.close()
+    finally:
+        os.close(fd)
+
+
+def test_unchanged_file_keeps_its_page_cache_when_another_file_changes(make_repo, fuse_mount) -> None:
+    """Guards the fix against a regression: a distinct inode per version must not cost the
+    page cache of files the commit did not change."""
+    vs = Versions([4 * MiB + 17, 300 * 1024, 200 * 1024])
+    a = vs.data[0]
+    repo = seeded_repo(make_repo, {"a.bin": a, "b.bin": vs.data[1]})
+    m = fuse_mount(repo.root)
+    pa, pb = m / "main/a.bin", m / "main/b.bin"
+    fd = os.open(pa, os.O_RDONLY)
+    assert read_fd(fd) == a
+    os.close(fd)
+    before = resident_fraction(pa)
+    assert before > 0.9, f"a re-open of a.bin after reading it has only {before:.0%} of it cached (precondition)"
+    fd = os.open(pa, os.O_RDONLY)
+    held = Mapping(fd, len(a))
+    try:
+        assert held.resident() > 0.9
+        cli_commit(repo.root, "b.bin", vs.data[2], "change b.bin only")
+        wait_until(lambda: os.stat(pb).st_size == len(vs.data[2]), 15, "the mount to show the new b.bin")
+        with open(pb, "rb") as f:
+            assert f.read() == vs.data[2]
+        time.sleep(1.0)  # (give any invalidation the mount would do a chance to happen: not a timing check)
+        held_after = held.resident()
+        after = resident_fraction(pa)
+        assert held_after > 0.9 and after > 0.9, (
+            f"a.bin did not change, but its page cache went from {before:.0%} to {held_after:.0%} "
+            f"(mapping kept open) / {after:.0%} (new open) after a commit that changed only b.bin")
+        assert read_fd(fd) == a and os.fstat(fd).st_size == len(a)
+    finally:
+        held.close()
+        os.close(fd)
+    with open(pa, "rb") as f:
+        assert f.read() == a

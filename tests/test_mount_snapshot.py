@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import mmap
 import os
 import subprocess
 import sys
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
+
+import pytest
 
 from tests.snapshot_tools import Contents, mmap_read, plan_sizes, read_fd
 
@@ -31,6 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "coralfs"]
 DEEP = os.environ.get("CORALFS_DEEP", "") not in ("", "0")
 MiB = 1 << 20
+# the stress test: how long the writer commits in deep mode (normal mode: STRESS_COMMITS commits)
+STRESS_SECONDS = float(os.environ.get("CORALFS_STRESS_SECONDS", "600"))
+STRESS_COMMITS = int(os.environ.get("CORALFS_STRESS_COMMITS", "40"))
 
 
 def _env() -> dict[str, str]:
@@ -306,3 +313,93 @@ def test_unchanged_file_keeps_its_page_cache_when_another_file_changes(make_repo
         os.close(fd)
     with open(pa, "rb") as f:
         assert f.read() == a
+
+
+# ====================================================================== stress
+def _start(args: list[str], out: Path) -> subprocess.Popen:
+    with open(out, "ab") as f:
+        return subprocess.Popen([sys.executable, "-m", "tests.snapshot_tools", *args], stdout=f,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_env(), cwd=ROOT)
+
+
+def test_stress_readers_see_whole_versions(make_repo, fuse_mount, tmp_path: Path) -> None:
+    """One process commits version after version of one file (100 KiB..4 MiB, sizes jumping
+    up and down) to main through the Python API; six reader processes open, fstat, pread at
+    random offsets, mmap (in a child: a SIGBUS is reported, not fatal), keep fds open across
+    commits, on main/f.bin (four) and on @commits/<id>/f.bin (two). Every read must be exactly
+    one committed version's bytes at that offset, the same version for the life of the fd,
+    whose size fstat reports; short reads only at that version's end; @commits paths never
+    change; a new open never shows a version superseded more than 15 s before.
+
+    ``make test``: 40 commits (~25 s). ``CORALFS_DEEP=1``: commits for
+    ``CORALFS_STRESS_SECONDS`` (600), going round 200 versions."""
+    n_versions = 200 if DEEP else STRESS_COMMITS + 1
+    sizes = plan_sizes(n_versions, seed=13)
+    contents = Contents(sizes)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"sizes": sizes}))
+    repo = seeded_repo(make_repo, {"f.bin": contents.full(0)})
+    log = tmp_path / "commits.log"
+    log.write_text(f"0 0 {repo.branch_head('main').hex()} {time.time():.6f}\n")
+    m = fuse_mount(repo.root)
+    stop = tmp_path / "stop"
+    cap = STRESS_SECONDS + 300 if DEEP else 150  # the readers' own limit, if the test could not stop them
+    readers: list[tuple[str, subprocess.Popen, Path]] = []
+    for i in range(6):
+        mode = "commits" if i >= 4 else "branch"
+        name = f"{mode}-reader-{i}"
+        out = tmp_path / f"{name}.jsonl"
+        p = _start(["reader", "--mount", m.path, "--mode", mode, "--path", "main/f.bin", "--plan", str(plan),
+                    "--log", str(log), "--seconds", str(cap), "--stop", str(stop), "--seed", str(1000 + i),
+                    "--name", name, "--out", str(out)], tmp_path / f"{name}.stderr")
+        readers.append((name, p, out))
+    wargs = ["writer", "--repo", repo.root, "--path", "f.bin", "--plan", str(plan), "--log", str(log),
+             "--interval", "0.4", "--seed", "7"]
+    wargs += ["--commits", "1000000", "--seconds", str(STRESS_SECONDS), "--cycle"] if DEEP else \
+        ["--commits", str(n_versions - 1)]
+    writer = _start(wargs, tmp_path / "writer.out")
+    problems: list[str] = []
+    try:
+        try:
+            rc = writer.wait(timeout=STRESS_SECONDS + 120 if DEEP else 120)
+            if rc != 0:
+                problems.append(f"the writer failed (exit {rc}): {(tmp_path / 'writer.out').read_text()[-2000:]}")
+        except subprocess.TimeoutExpired:
+            problems.append("the writer did not finish in time")
+        time.sleep(2.0)  # readers go on a little after the last commit
+    finally:
+        stop.touch()
+        for p in [writer] + [p for _, p, _ in readers]:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+                problems.append(f"a helper process (pid {p.pid}) did not stop and was killed")
+    n_commits = len(log.read_text().splitlines()) - 1
+    by_kind: dict[str, list[dict]] = defaultdict(list)  # the failures recorded in detail
+    counts: Counter[str] = Counter()  # all failures, by kind
+    summaries = []
+    for name, p, out in readers:
+        if p.returncode != 0:
+            problems.append(f"{name} exited {p.returncode}: {(tmp_path / f'{name}.stderr').read_text()[-2000:]}")
+        for line in out.read_text().splitlines() if out.exists() else []:
+            rec = json.loads(line)
+            if "summary" in rec:
+                summaries.append(f"{name}: {rec['summary']}")
+                for kind, n in rec["failures_by_kind"].items():
+                    counts[kind] += n
+            else:
+                by_kind[rec["kind"]].append(rec)
+    if m.proc.poll() is not None:
+        problems.append(f"the mount died (exit {m.proc.returncode}): {m.log_text()[-3000:]}")
+    report = [f"{n_commits} commits of main/f.bin; reader operations:", *summaries]
+    if counts or by_kind:
+        report.append(f"{sum(counts.values())} failed checks (details: {tmp_path}/*-reader-*.jsonl):")
+        for kind, n in counts.most_common():
+            report.append(f"  {n} x {kind}; e.g.")
+            report.extend(f"      {json.dumps(r)[:900]}" for r in by_kind[kind][:3])
+    if problems or counts or by_kind:
+        pytest.fail("\n".join(problems + report), pytrace=False)
+    assert n_commits >= (20 if not DEEP else 100), f"only {n_commits} commits were made"
+    assert all("open" in s for s in summaries) and len(summaries) == 6

@@ -10,8 +10,10 @@ is our own and knows what coralfs promises:
 * read (``pread`` at random offsets, also past EOF), write (``pwrite`` at random offsets,
   also past EOF: a hole, zeros in the model), truncate (grow and shrink), mmap read, mmap
   write (``--mmap-write``; msync or not), fsync, ``stat`` of the path, close-and-reopen
-  (sometimes ``O_TRUNC``; half of them closed for up to ``--pause`` s, stat-ing the path
-  meanwhile, so that the mount's commit of the closed file lands around the reopen).
+  (sometimes ``O_TRUNC``; half of them closed for up to ``--pause`` s, touching and stat-ing
+  the path meanwhile, so that the mount's commit of the closed file lands around the reopen).
+  ``--weights`` changes the mix; ``--churn`` has another process commit another file of the
+  branch meanwhile (the branch moves under the open file).
   After every operation ``fstat``'s size must be the model's; every read must be the model's
   bytes; a reopen reads the whole file back.
 * A close or fsync that returns acknowledges the content: the mount must commit it. With
@@ -80,8 +82,16 @@ class Generator:
     def __init__(self, a: argparse.Namespace) -> None:
         self.a = a
         self.rng = random.Random(a.seed)
-        w = {"read": 20, "write": 25, "truncate": 7, "mapread": 12 if a.mmap else 0,
-             "mapwrite": 8 if a.mmap_write else 0, "fsync": 5, "stat": 3, "reopen": 8}
+        w = {"read": 20, "write": 25, "truncate": 7, "mapread": 12, "mapwrite": 8, "fsync": 5, "stat": 3, "reopen": 8}
+        for item in filter(None, (a.weights or "").split(",")):
+            k, _, v = item.partition("=")
+            if k not in w:
+                raise SystemExit(f"--weights: unknown operation {k!r} (one of {', '.join(OPS)})")
+            w[k] = int(v)
+        if not a.mmap:
+            w["mapread"] = 0
+        if not a.mmap_write:
+            w["mapwrite"] = 0
         self.ops = [o for o in OPS if w[o]]
         self.weights = [w[o] for o in self.ops]
 
@@ -127,7 +137,7 @@ class Generator:
             return {"n": n, "op": op}
         commit = self.a.repo is not None and r.random() < self.a.commit_check
         # closed for a moment: around the commit delay, the mount commits while the file is reopened
-        pause = 0.0 if commit or r.random() < 0.5 else round(r.uniform(0, self.a.pause), 3)
+        pause = 0.0 if commit or r.random() >= self.a.pause_share else round(r.uniform(0, self.a.pause), 3)
         return {"n": n, "op": "reopen", "trunc": r.random() < 0.1, "commit": commit, "pause": pause}
 
 
@@ -265,14 +275,20 @@ class Fsx:
 
     def closed_pause(self, op: dict, seconds: float) -> None:
         """While the file is closed (the mount commits it meanwhile), ``stat`` of its path must
-        show the size of what the last close stored."""
+        show the size of what the last close stored; so must the attributes the mount returns
+        for a ``touch`` (``utime``: the kernel caches them)."""
         end = time.monotonic() + seconds
+        i = 0
         while time.monotonic() < end:
+            touch = i % 2 == 0
+            if touch:
+                os.utime(self.path)
             size = os.stat(self.path).st_size
             if size != len(self.model):
-                self.fail(op, f"stat of the closed file during the pause: size {size}, the last close stored "
-                              f"{len(self.model)} bytes")
-            time.sleep(0.003)
+                self.fail(op, f"stat of the closed file during the pause{' (after a touch)' if touch else ''}: "
+                              f"size {size}, the last close stored {len(self.model)} bytes")
+            i += 1
+            time.sleep(0.0005)
 
     def stat_path(self, op: dict) -> None:
         size = os.stat(self.path).st_size
@@ -336,7 +352,7 @@ class Fsx:
             self.wait_commit(end)
 
 
-def churn(repo_root: str, branch: str, path: str, interval: float, seed: int) -> int:
+def churn(repo_root: str, branch: str, path: str, interval: float, seed: int, max_size: int) -> int:
     """``--churn``'s child process: commit another file of the branch every ``interval`` s
     (Python API), so that the branch moves under the file fsx has open."""
     from coralfs.repository import Repository
@@ -348,7 +364,7 @@ def churn(repo_root: str, branch: str, path: str, interval: float, seed: int) ->
     try:
         for i in itertools.count():
             with open(tmp, "wb") as f:
-                f.write(pattern(i, 0, rng.randrange(1, 300_000)))
+                f.write(pattern(i, 0, rng.randrange(1, max_size + 1)))
             entry, _ = repo.ingest_file(tmp, path)
             repo.commit_changes(branch, {path: entry}, f"fsx churn {i}")
             time.sleep(rng.uniform(interval * 0.2, interval * 1.8))
@@ -390,7 +406,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="the share of reopens that wait for the commit first (with --repo)")
     p.add_argument("--commit-timeout", type=float, default=30.0)
     p.add_argument("--pause", type=float, default=0.3,
-                   help="the longest a reopen waits between close and open (half of them do not wait)")
+                   help="the longest a reopen waits between close and open (stat-ing the path meanwhile)")
+    p.add_argument("--pause-share", type=float, default=0.5, help="the share of reopens that pause")
+    p.add_argument("--weights", default=None, metavar="OP=W,...",
+                   help=f"relative frequencies of the operations ({', '.join(OPS)}); default "
+                        "read=20,write=25,truncate=7,mapread=12,mapwrite=8,fsync=5,stat=3,reopen=8")
     p.add_argument("--log", default=None, help="the op log to write (default fsx-SEED.log)")
     p.add_argument("--replay", default=None, help="run the operations of this op log instead")
     p.add_argument("--tail", type=int, default=25, help="operations shown on a failure")
@@ -398,11 +418,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --repo: another process commits another file of the branch (CHURN_PATH) "
                         "every SECONDS on average (0: none)")
     p.add_argument("--churn-path", default="fsx-churn.bin", help=argparse.SUPPRESS)
+    p.add_argument("--churn-size", type=int, default=300_000, help="the churned file's largest size")
     p.add_argument("--churn-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-q", "--quiet", action="store_true")
     a = p.parse_args(argv)
     if a.churn_child:
-        return churn(a.repo, a.branch or a.file.partition("/")[0], a.churn_path, a.churn, a.seed or 0)
+        return churn(a.repo, a.branch or a.file.partition("/")[0], a.churn_path, a.churn, a.seed or 0, a.churn_size)
     a.mmap = a.mmap or a.mmap_write
     if a.replay:
         with open(a.replay, encoding="utf-8") as f:
@@ -421,7 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.churn and a.repo:
         churner = subprocess.Popen([sys.executable, "-m", "tests.fsx_coral", "--churn-child", "--mount", a.mount,
                                     "--file", a.file, "--repo", a.repo, "--churn", str(a.churn),
-                                    "--churn-path", a.churn_path, "--seed", str(a.seed)]
+                                    "--churn-path", a.churn_path, "--churn-size", str(a.churn_size),
+                                    "--seed", str(a.seed)]
                                    + (["--branch", a.branch] if a.branch else []), stdin=subprocess.DEVNULL)
     with open(log_path, "w", encoding="utf-8") as log:
         log.write(json.dumps({"fsx": 1, "seed": a.seed, "file": a.file, "ops": a.ops, "mmap": a.mmap,

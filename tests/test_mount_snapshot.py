@@ -3,15 +3,17 @@
 The promise (README, "The mount"; issue 13 item 1): content, ``fstat`` size and ``mmap`` of
 an open fd stay the version it opened; a new open after a commit sees the new version,
 never a mix; the kernel's attribute and page caches never serve one version's bytes under
-another's size. And, for the fix not to cost speed: an unchanged file keeps its page cache
-when another file of the branch changes.
+another's size. The same for the mount's own commits: a file closed through the mount shows
+its size and bytes while the mount commits it. And, for the fix not to cost speed: an
+unchanged file keeps its page cache when another file of the branch changes.
 
 Real FUSE mounts (the ``fuse_mount`` fixture: a subprocess each, always unmounted). The
 other process's commits go through the CLI (``coralfs add`` + ``commit``) or the Python API
 in a subprocess, never through the mount. Only the mount's public behaviour is used.
 
-``CORALFS_DEEP=1`` (``make test-deep``) runs the long variants: the stress test for
-``CORALFS_STRESS_SECONDS`` (600) and fsx for 100k operations over several seeds.
+``CORALFS_DEEP=1`` (``make test-deep``) runs the long variants: the stress test and the
+closed-file test for ``CORALFS_STRESS_SECONDS`` (600) each; fsx (tests/test_mount_fsx.py)
+for 100k operations over several seeds.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import mmap
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -68,7 +71,7 @@ def seeded_repo(make_repo, files: dict[str, bytes]):
     return repo
 
 
-def wait_until(cond, timeout: float, what: str, every: float = 0.05):  # noqa: ANN201
+def wait_until(cond, timeout: float, what: str, every: float = 0.05):
     deadline = time.monotonic() + timeout
     while True:
         r = cond()
@@ -232,6 +235,89 @@ def test_reopen_right_after_a_commit_sees_one_whole_version(make_repo, fuse_moun
         finally:
             os.close(fd_old)
     vs.assert_none()
+
+
+# ====================================================================== the mount's own commits
+def test_closed_file_keeps_its_size_while_the_mount_commits_it(make_repo, fuse_mount) -> None:
+    """A file written through the mount and closed is what the path shows, before, while and
+    after the mount commits it: ``touch`` + ``stat`` (the attributes the mount returns for a
+    setattr are cached by the kernel) and open + fstat + read, hammered by other threads while
+    the writer closes versions of alternating sizes and fsyncs the branch directory (which
+    commits at once). (fsx's "a reopened file showed the previous head's size", issue 13.)"""
+    repo = seeded_repo(make_repo, {"README": b"closed-file test\n"})
+    m = fuse_mount(repo.root, "--commit-delay", "60")
+    path = m / "main/f.bin"
+    seconds = STRESS_SECONDS if DEEP else 20.0
+    state = {"seq": 0, "closed": False, "size": 0, "byte": 0, "stop": False}
+    bad: list[str] = []
+    checks = Counter()
+
+    def expect() -> tuple[int, int, int] | None:
+        s0 = state["seq"]
+        return (s0, state["size"], state["byte"]) if state["closed"] else None
+
+    def still(s0: int) -> bool:
+        return state["closed"] and state["seq"] == s0
+
+    def hammer(k: int) -> None:
+        i = 0
+        while not state["stop"] and len(bad) < 6:
+            i += 1
+            e = expect()
+            if e is None:
+                time.sleep(0.0002)
+                continue
+            s0, size, byte = e
+            try:
+                if (i + k) % 3:
+                    os.utime(path)
+                    got = os.stat(path).st_size
+                    if still(s0) and got != size:
+                        bad.append(f"close #{s0 // 2}: touch + stat of the closed file: size {got}, it has {size} bytes")
+                    checks["touch+stat"] += 1
+                else:
+                    with open(path, "rb", buffering=0) as f:
+                        fs = os.fstat(f.fileno()).st_size
+                        data = f.read()
+                    ok = fs == size and data == bytes([byte]) * size
+                    if still(s0) and not ok:
+                        kinds = sorted(set(data))[:4]
+                        bad.append(f"close #{s0 // 2}: a new open of the closed file: fstat {fs}, read {len(data)} bytes "
+                                   f"(byte values {kinds}); it has {size} bytes of {byte}")
+                    checks["open+read"] += 1
+            except OSError as ex:
+                if still(s0):
+                    bad.append(f"close #{s0 // 2}: {ex!r}")
+
+    threads = [threading.Thread(target=hammer, args=(k,), daemon=True) for k in range(2)]
+    for t in threads:
+        t.start()
+    dfd = os.open(m / "main", os.O_RDONLY | os.O_DIRECTORY)
+    cycles = 0
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and len(bad) < 6:
+            cycles += 1
+            size = (50_000 if cycles % 2 else 1_000) + cycles
+            byte = 65 + cycles % 26
+            state["closed"] = False
+            state["seq"] += 1
+            with open(path, "wb") as f:
+                f.write(bytes([byte]) * size)
+            state.update(size=size, byte=byte)
+            state["seq"] += 1
+            state["closed"] = True
+            os.fsync(dfd)  # commits at once
+            time.sleep(0.005)
+    finally:
+        state["stop"] = True
+        os.close(dfd)
+        for t in threads:
+            t.join(timeout=30)
+    if bad:
+        pytest.fail(f"{len(bad)} wrong answers in {cycles} closes and commits ({dict(checks)} checks):\n- "
+                    + "\n- ".join(bad), pytrace=False)
+    assert cycles > 20 and checks["touch+stat"] > 100 and checks["open+read"] > 20, (cycles, dict(checks))
 
 
 # ====================================================================== page cache kept

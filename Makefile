@@ -1,6 +1,8 @@
 # coralfs — two commands for a newcomer:
 #   make demo   installs everything (system + Python) and runs a small end-to-end example
 #   make test   installs what the tests need and runs them
+#   make test-deep   the same, with the long variants (CORALFS_DEEP=1: the mount's snapshot stress tests
+#                    for 10 min each, fsx for 100k operations, Hypothesis' "deep" profile); about an hour
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 TORCH ?= torch==2.13.0
@@ -23,6 +25,10 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest -q tests
+
+.PHONY: test-deep
+test-deep: install
+	CORALFS_DEEP=1 HYPOTHESIS_PROFILE=deep $(PYTHON) -m pytest -q tests
 
 lint:
 	ruff check coralfs tests bench examples

@@ -28,6 +28,17 @@ import pytest
 MOUNT_TIMEOUT = 30.0
 ROOT = Path(__file__).resolve().parent.parent
 
+# Hypothesis profiles: HYPOTHESIS_PROFILE=deep (``make test-deep``) runs many more examples
+# (only where a test does not fix max_examples itself).
+try:
+    from hypothesis import settings as _hypothesis_settings
+
+    _hypothesis_settings.register_profile("deep", max_examples=2000, deadline=None)
+    if os.environ.get("HYPOTHESIS_PROFILE"):
+        _hypothesis_settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
+except ImportError:  # (hypothesis is a dev dependency)
+    pass
+
 
 def fuse_unavailable_reason() -> str | None:
     """Why a FUSE mount cannot work here, or None."""

@@ -77,6 +77,7 @@ class Node:
     looked_up: float = 0.0  # time.monotonic() of the last lookup that returned it
     drop_cache: bool = False  # the next open must not keep the kernel's cached pages
     opens: set[int] = field(default_factory=set)  # open file handles on it
+    gen: int = 0  # bumped by every change made to it here (a resolution older than that is void)
 
     @property
     def is_dir(self) -> bool:
@@ -106,6 +107,9 @@ class NodeTable:
         self._inos = itertools.count(ROOT_INO + 1)
         self._refs: dict[bytes, bytes] | None = None
         self._stale: list[tuple[int, str]] = []  # entries found stale between polls
+        # a file being written has exactly one inode, whatever its path does (the kernel's size
+        # and pages of it live there): staged id -> node
+        self._by_staged: dict[int, Node] = {}
 
     # ---------------------------------------------------------------- lookups
     def get(self, ino: int) -> Node:
@@ -123,12 +127,20 @@ class NodeTable:
     def lookup(self, parent: int, name: str) -> Node:
         """The kernel's LOOKUP: the node for ``parent/name``, counted (``nlookup``)."""
         path = self.child_path(parent, name)
-        res = self.view.resolve(path)
-        with self._lock:
-            node = self._current(path, res, parent, name)
-            node.nlookup += 1
-            node.looked_up = self.clock()
-            return node
+        for attempt in range(8):
+            with self._lock:
+                before = self.by_path.get(path)
+                gen = before.gen if before is not None else -1
+            res = self.view.resolve(path)
+            with self._lock:
+                now = self.by_path.get(path)
+                if attempt < 7 and (now is not before or (now is not None and now.gen != gen)):
+                    continue  # changed here while we resolved (a write opened it): resolve again
+                node = self._current(path, res, parent, name)
+                node.nlookup += 1
+                node.looked_up = self.clock()
+                return node
+        raise AssertionError("unreachable")
 
     def _current(self, path: str, res: Resolved, parent: int, name: str) -> Node:
         """The node ``path`` resolves to now: the existing one if it shows the same content, else a
@@ -140,9 +152,27 @@ class NodeTable:
             return node
         if node is not None:
             node.path = ""  # detached: it keeps its version for whoever has it open
+            node.gen += 1
+        if res.staged is not None:  # being written: its one inode, wherever it was seen before
+            st = res.staged
+            known = self.by_ino.get(st.ino) if st.ino else self._by_staged.get(st.sid)
+            if known is not None and known.ino in self.by_ino:
+                if known.staged is not st:  # (opened for writing a moment ago: the open's inode)
+                    known.staged, known.token = st, ("w", st.sid)
+                    self._by_staged[st.sid] = known
+                if known.path and self.by_path.get(known.path) is known and known.path != path:
+                    del self.by_path[known.path]
+                known.path, known.parent, known.name, known.attr = path, parent, name, res.attr
+                known.gen += 1
+                self.by_path[path] = known
+                return known
         node = Node(next(self._inos), parent, name, path, res.token, res.attr, res.immutable, res.staged)
         self.by_ino[node.ino] = node
         self.by_path[path] = node
+        if res.staged is not None:
+            self._by_staged[res.staged.sid] = node
+            if not res.staged.ino:
+                res.staged.ino = node.ino
         return node
 
     @staticmethod
@@ -155,6 +185,7 @@ class NodeTable:
             # written through this inode, stored, and no longer being written: the inode keeps
             # what was written (the kernel may hold it in its cache: the same bytes)
             node.token, node.staged, node.immutable = res.token, None, res.immutable
+            node.gen += 1
             node.drop_cache = True  # (direct writes bypass the cache: drop what it may hold)
             return True
         return False
@@ -172,6 +203,9 @@ class NodeTable:
         del self.by_ino[node.ino]
         if node.path and self.by_path.get(node.path) is node:
             del self.by_path[node.path]
+        for sid, n in list(self._by_staged.items()):
+            if n is node:
+                del self._by_staged[sid]
 
     def attach(self, parent: int, name: str, res: Resolved) -> Node:
         """A node made by a request that creates (create, mkdir): counted like a lookup."""
@@ -191,11 +225,14 @@ class NodeTable:
             return self.view._staged_attr(node.staged)
         if not node.path or node.immutable and not node.follows_ref:
             return node.attr
+        gen = node.gen
         try:
             res = self.view.resolve(node.path)
         except CoralError:
             return node.attr
         with self._lock:
+            if node.gen != gen:  # changed here meanwhile: what was resolved is void
+                return self.view._staged_attr(node.staged) if node.staged is not None else node.attr
             if self.by_path.get(node.path) is node and self._same(node, res):
                 node.attr = res.attr
             elif node.path:
@@ -209,11 +246,14 @@ class NodeTable:
             return
         if not node.path:
             raise StaleNode(f"inode {node.ino}: removed")
+        gen = node.gen
         try:
             res = self.view.resolve(node.path)
         except PathNotFound:
             res = None
         with self._lock:
+            if node.gen != gen:
+                return  # changed here meanwhile (by a request on this inode): it is current
             if res is not None and self.by_path.get(node.path) is node and self._same(node, res):
                 node.attr = res.attr
                 return
@@ -229,6 +269,7 @@ class NodeTable:
         if node.path:
             self._stale.append((node.parent, node.name))
         node.path = ""
+        node.gen += 1
 
     def opened(self, node: Node, fh: int, staged: Staged | None) -> None:
         with self._lock:
@@ -236,6 +277,9 @@ class NodeTable:
             if staged is not None and node.staged is not staged:
                 node.staged = staged  # written in place: the inode's content is the staged file's
                 node.token = ("w", staged.sid)
+                node.gen += 1
+            if staged is not None:
+                self._by_staged[staged.sid] = node
 
     def released(self, ino: int, fh: int) -> None:
         with self._lock:
@@ -257,6 +301,7 @@ class NodeTable:
             if self.by_path.get(node.path) is node:
                 node.token, node.attr, node.staged, node.immutable = res.token, res.attr, res.staged, res.immutable
                 node.drop_cache = True
+                node.gen += 1
 
     # ---------------------------------------------------------------- namespace changes made here
     def moved(self, old: str, new: str) -> None:
@@ -265,6 +310,7 @@ class NodeTable:
             replaced = self.by_path.get(new)
             if replaced is not None:
                 replaced.path = ""
+                replaced.gen += 1
                 del self.by_path[new]
             moves = [(p, n) for p, n in self.by_path.items() if p == old or p.startswith(old + "/")]
             for p, _n in moves:
@@ -272,6 +318,7 @@ class NodeTable:
             for p, n in moves:
                 q = new + p[len(old):]
                 n.path = q
+                n.gen += 1
                 if p == old:
                     n.name = q.rsplit("/", 1)[1]
                     parent = self.by_path.get(q.rsplit("/", 1)[0] or "/")
@@ -285,6 +332,7 @@ class NodeTable:
             node = self.by_path.pop(path, None)
             if node is not None:
                 node.path = ""
+                node.gen += 1
 
     # ---------------------------------------------------------------- what changed elsewhere
     def has_stale(self) -> bool:
@@ -333,7 +381,7 @@ class NodeTable:
                      if n.follows_ref and (p in exact or p in whole or p.startswith(pre))]
         inodes: list[int] = []
         for node in nodes:
-            path = node.path
+            path, gen = node.path, node.gen
             if not path:
                 continue
             try:
@@ -341,8 +389,8 @@ class NodeTable:
             except CoralError:
                 res = None
             with self._lock:
-                if self.by_path.get(path) is not node:
-                    continue
+                if self.by_path.get(path) is not node or node.gen != gen:
+                    continue  # changed here meanwhile: nothing the kernel does not know
                 if res is not None and self._same(node, res):
                     node.attr = res.attr
                     if node.is_dir:

@@ -679,6 +679,8 @@ class MountView:
         truncate = cur is None or bool(flags & os.O_TRUNC)
         src = self._file_view(cur.manifest) if isinstance(cur, TreeEntry) and not truncate else None
         s = self.writer.open_file(branch, sub, head, cur, src, writable=True, truncate=truncate, mode=mode)
+        if ino and s.ino is None:
+            s.ino = ino  # (set under the writer's lock: a lookup that sees the staged file sees its inode)
         with self._lock:
             shared = any(self._same_inode(h, path, ino) for h in self._handles.values())
             if not isinstance(cur, Staged):

@@ -648,6 +648,7 @@ class Staged:
         self.failed = False  # the last ingest failed (close/fsync returned the error)
         self.poisoned = 0  # errno of a write or truncate that failed: the content is not what was meant
         self.uid: int | None = None  # who opened it for writing (a mount shared with other users)
+        self.ino: int | None = None  # the kernel inode it is written through (the mount's inode layer)
         self.state = ""  # as written to the .json: writing | closed | ingested
         self.lock = threading.RLock()  # data: writes, truncates and ingests of this file
         # kept here (not fstat-ed): getattr reads them without the lock, also after the fd is gone

@@ -267,10 +267,15 @@ class CoralFS:
         self.lib.fuse_reply_attr(req, ctypes.byref(self._stat(ino, attr)), self.attr_timeout)
 
     def _path(self, node: Node) -> str:
-        """The current path of a node a request names by inode (ESTALE once it was superseded)."""
-        self.table.check_current(node)
-        if not node.path:
-            raise StaleNode(f"inode {node.ino} has no name any more")
+        """The current path of a node a request names by inode (ESTALE once it was superseded:
+        the watcher is woken to tell the kernel now)."""
+        try:
+            self.table.check_current(node)
+            if not node.path:
+                raise StaleNode(f"inode {node.ino} has no name any more")
+        except StaleNode:
+            self._soon()
+            raise
         return node.path
 
     def op_setattr(self, req: int, ino: int, attr_p: Any, to_set: int, fi: Any) -> None:
@@ -279,11 +284,7 @@ class CoralFS:
         a = attr_p.contents
         path = node.path or None
         if fh is None:
-            try:
-                path = self._path(node)
-            except StaleNode:
-                self._soon()
-                raise
+            path = self._path(node)
         if to_set & fuse_ll.SET_ATTR_SIZE:
             self.view.truncate(path, int(a.st_size), fh, ino)
             if fh is None:  # truncate(2): stored already, as a new version of this same inode
@@ -335,11 +336,7 @@ class CoralFS:
         if node.staged is not None and not writing:
             fh = self.view.open_staged(node.path or "/(unlinked)", node.staged, ino)
         if fh is None:
-            try:
-                path = self._path(node)
-            except StaleNode:
-                self._soon()
-                raise
+            path = self._path(node)
             manifest = node.token[1] if node.token[0] == "f" and not writing else None
             fh = self.view.open(path, flags, ino=ino, manifest=manifest)  # type: ignore[arg-type]
         f = self.view.opened(fh)

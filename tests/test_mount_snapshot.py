@@ -318,6 +318,7 @@ def test_closed_file_keeps_its_size_while_the_mount_commits_it(make_repo, fuse_m
         pytest.fail(f"{len(bad)} wrong answers in {cycles} closes and commits ({dict(checks)} checks):\n- "
                     + "\n- ".join(bad), pytrace=False)
     assert cycles > 20 and checks["touch+stat"] > 100 and checks["open+read"] > 20, (cycles, dict(checks))
+    print(f"{cycles} closes and commits, {dict(checks)} checks, no wrong answer")  # (shown with -s)
 
 
 # ====================================================================== page cache kept
@@ -489,3 +490,4 @@ def test_stress_readers_see_whole_versions(make_repo, fuse_mount, tmp_path: Path
         pytest.fail("\n".join(problems + report), pytrace=False)
     assert n_commits >= (STRESS_COMMITS // 2 if not DEEP else 100), f"only {n_commits} commits were made"
     assert all("open" in s for s in summaries) and len(summaries) == 6
+    print("\n".join(report))  # (shown with -s: what a passing run did)

@@ -37,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from coralfs import records, tensorcodec  # noqa: E402
+from coralfs.codec import records  # noqa: E402
+from coralfs.codec import tensor as tensorcodec  # noqa: E402
 from coralfs.formats import split  # noqa: E402
 from coralfs.hashing import digest  # noqa: E402
 from coralfs.ingest import CHUNK_TARGET, MappedFile  # noqa: E402

@@ -1,4 +1,4 @@
-"""Decode speed without FUSE or disk: numpy loops vs the compiled loops (coralfs.kernels), side by side.
+"""Decode speed without FUSE or disk: numpy loops vs the compiled loops (coralfs.codec.kernels), side by side.
 
 Each measurement is a fresh process reading one whole file through ``Repository.open()``
 with the page cache warm (no disk) and the decoded-chunk cache empty, so it times decoding
@@ -38,7 +38,7 @@ from bench.mount import (  # noqa: E402
 
 _SCRIPT = r"""
 import sys, time
-from coralfs import kernels
+from coralfs.codec import kernels
 from coralfs.repository import Repository
 if sys.argv[4] == "compiled":
     assert kernels.load() is not None, "numba is not available"

@@ -65,8 +65,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from coralfs.fuse import READAHEAD_KB, mount, umount  # noqa: E402
-from coralfs.mountwrite import live_sessions  # noqa: E402
+from coralfs.mount.daemon import READAHEAD_KB, mount, umount  # noqa: E402
+from coralfs.mount.writer import live_sessions  # noqa: E402
 from coralfs.repository import Repository  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache" / "mount-bench"
@@ -177,7 +177,7 @@ def build_repo(series: list[Path], ft: list[Path], big: Path) -> tuple[str, dict
     sources = [*series, ft[0], ft[-1], big]
     key: list[Any] = [[str(p), p.stat().st_size, int(p.stat().st_mtime)] for p in sources]
     code = hashlib.sha256()  # a change to how data is stored rebuilds the repository
-    for mod in ("ingest.py", "records.py", "tensorcodec.py", "objects.py", "repack.py"):
+    for mod in ("ingest.py", "codec/records.py", "codec/tensor.py", "store/objects.py", "repack.py"):
         f = ROOT / "coralfs" / mod
         if f.exists():
             code.update(f.read_bytes())

@@ -1,6 +1,6 @@
 """A commit on a branch vs the kernel's page cache of the files it did not change.
 
-Since every version of a file has its own inode (coralfs/mountnodes.py), a commit that
+Since every version of a file has its own inode (coralfs/mount/nodes.py), a commit that
 changes one file of a branch leaves the other files' inodes, and their cached pages, alone;
 before, the mount invalidated every path of a branch that moved, so a checkpoint re-read
 after an unrelated commit (a config, a metrics file) went back to the daemon and decoded
@@ -42,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mount as mbench  # noqa: E402  (bench/mount.py: the big checkpoint and the mount helpers)
 
-from coralfs.fuse import mount, umount  # noqa: E402
+from coralfs.mount.daemon import mount, umount  # noqa: E402
 from coralfs.repository import Repository  # noqa: E402
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

@@ -530,7 +530,7 @@ def run_throughput(all_versions: dict[str, list[Version]], coral: dict[str, Cora
 
 
 def _chain_depths(root: Path, cid: bytes, rel: str) -> list[int]:
-    from coralfs import records
+    from coralfs.codec import records
 
     repo = Repository(root)
     try:

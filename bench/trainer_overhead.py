@@ -36,7 +36,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from coralfs.torch import CheckpointManager  # noqa: E402
+from coralfs.training import CheckpointManager  # noqa: E402
 
 
 def make_model(hidden: int) -> nn.Module:

@@ -1,7 +1,7 @@
 """coralfs: git for model checkpoints, shaped as a filesystem.
 
-Layers (imports only point down this list):
-hashing/records/tensorcodec -> store -> formats/objects -> repository -> cli, fuse
+The layers (imports only point down) are stated in tests/test_architecture.py; what each
+package owns is in docs/design.md.
 """
 
 from coralfs.errors import CoralError

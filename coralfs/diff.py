@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from coralfs.objects import Commit, Manifest, Piece, Segment, TreeEntry
 from coralfs.repository import Repository
+from coralfs.store.objects import Commit, Manifest, Piece, Segment, TreeEntry
 
 CHECKPOINT_FORMATS = ("safetensors", "torch-zip")
 

@@ -45,8 +45,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coralfs.errors import CoralError, InvalidArgument, NoSpace, NotACheckpoint, NothingToCommit, PathNotFound
-from coralfs.objects import TreeEntry, check_path
 from coralfs.repository import Repository
+from coralfs.store.objects import TreeEntry, check_path
+from coralfs.worktree import advance_branch, check_untracked, require_clean
 from coralfs.worktree_fs import WorkTree
 
 FORMATS = ("safetensors", "pt")
@@ -308,7 +309,6 @@ def import_dir(repo: Repository, src: str | os.PathLike[str], branch: str | None
     ``src`` directly; the work tree is only touched with ``update_worktree`` when
     ``branch`` is checked out (it then needs to be clean, and follows the new commit
     like a checkout, as after a merge)."""
-    from coralfs.merge import _check_untracked, advance_branch, require_clean
 
     src = os.fspath(src)
     if not os.path.isdir(src):
@@ -365,7 +365,7 @@ def import_dir(repo: Repository, src: str | os.PathLike[str], branch: str | None
             repo.create_branch(branch, start.hex())  # start the new branch at HEAD
             created = True
         if update_worktree:
-            _check_untracked(repo, branch, [p for p, e in changes.items() if e is not None])
+            check_untracked(repo, branch, [p for p, e in changes.items() if e is not None])
 
         def commit() -> bytes:
             return repo.commit_changes(branch, changes, msg, metrics=metrics, meta=meta, author=author,

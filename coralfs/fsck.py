@@ -32,19 +32,19 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from coralfs import keys, refs
 from coralfs.errors import CoralError, MissingObject
 from coralfs.gc import COMMIT_INDEX, CONFLICT_PREFIX, PEND_PREFIX, STAT_INDEX, TENSOR_INDEX, GcAborted, gc
 from coralfs.hashing import ID_LEN, digest, hasher
 from coralfs.ingest import PENDING_PREFIX as DEMOTION_PREFIX
-from coralfs.objects import Commit, Manifest, Tag, Tree, deserialize, path_error
-from coralfs.objectstore import ObjectStore
 from coralfs.reader import FileView
 from coralfs.repack import BELOW_PREFIX
+from coralfs.store import keys, refs
+from coralfs.store.objects import Commit, Manifest, Tag, Tree, deserialize, path_error
+from coralfs.store.objectstore import ObjectStore
 
 if TYPE_CHECKING:
     from coralfs.repository import Repository
-    from coralfs.store import Txn
+    from coralfs.store.lmdb import Txn
 
 READ_BLOCK = 8 << 20
 

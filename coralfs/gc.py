@@ -55,14 +55,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from coralfs import records, refs
+from coralfs.codec import records
 from coralfs.errors import ConcurrentUpdate, CoralError, IntegrityError
 from coralfs.hashing import ID_LEN, digest, hasher
 from coralfs.ingest import PENDING_PREFIX
-from coralfs.objects import Commit, Manifest, Tag, Tree
-from coralfs.objectstore import ObjectStore
 from coralfs.repack import BELOW_PREFIX
-from coralfs.store import Txn
+from coralfs.store import refs
+from coralfs.store.lmdb import Txn
+from coralfs.store.objects import Commit, Manifest, Tag, Tree
+from coralfs.store.objectstore import ObjectStore
 
 if TYPE_CHECKING:
     from coralfs.repository import Repository
@@ -598,7 +599,7 @@ def _compact_locked(repo: Repository) -> dict[str, int]:
 
     A crash before the rename leaves the old file (and a stale copy that the next compact
     removes); after it, the new one. Returns sizes before and after."""
-    from coralfs import store as store_mod
+    from coralfs.store import lmdb as store_mod
 
     st = repo.store
     path = st.path
@@ -651,7 +652,7 @@ def _fsync_path(p: str) -> None:
 
 
 def _reopen(repo: Repository) -> None:
-    from coralfs.store import Store
+    from coralfs.store.lmdb import Store
 
     st = Store(repo.store.path)
     repo.store = st

@@ -50,15 +50,15 @@ from dataclasses import dataclass, field
 
 import pyfastcdc
 
-from coralfs import records
+from coralfs.codec import records
 from coralfs.errors import ConcurrentUpdate, CoralError, NoSpace
 from coralfs.formats import Region, split
 from coralfs.hashing import ID_LEN, digest
-from coralfs.keys import HASHED, MAX_INLINE
-from coralfs.locks import gate_for
-from coralfs.objects import Commit, Manifest, Piece, Segment, Tag, Tree, deserialize
-from coralfs.objectstore import ObjectStore
-from coralfs.store import Txn
+from coralfs.store.keys import HASHED, MAX_INLINE
+from coralfs.store.lmdb import Txn
+from coralfs.store.locks import gate_for
+from coralfs.store.objects import Commit, Manifest, Piece, Segment, Tag, Tree, deserialize
+from coralfs.store.objectstore import ObjectStore
 
 log = logging.getLogger(__name__)
 

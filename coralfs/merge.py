@@ -60,16 +60,17 @@ import fnmatch
 import json
 import math
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from coralfs.diff import is_checkpoint, segment_bytes, segment_key
-from coralfs.errors import CoralError, InvalidArgument, MergeConflict, UnknownRevision, WouldOverwrite
+from coralfs.errors import CoralError, InvalidArgument, MergeConflict, UnknownRevision
 from coralfs.export import CheckpointLoadError, load_weights_only
-from coralfs.objects import Manifest, Segment, TreeEntry
 from coralfs.reader import FileReader
 from coralfs.repository import Repository
+from coralfs.store.objects import Manifest, Segment, TreeEntry
+from coralfs.worktree import advance_branch, check_untracked, require_clean
 
 STRATEGIES = ("ours", "theirs", "average", "task-arithmetic", "ties")
 ARITHMETIC = ("average", "task-arithmetic", "ties")
@@ -828,50 +829,6 @@ class _PtMerge:
 
 
 # ------------------------------------------------------------------ branch moves & work tree
-def require_clean(repo: Repository, branch: str) -> None:
-    """If ``branch`` is checked out: the work tree must be clean (like git before a merge)."""
-    if repo.current_branch() != branch:
-        return
-    st = repo.status()
-    dirty = sorted(set(st.staged) | set(st.modified) | set(st.deleted))
-    if dirty:
-        raise WouldOverwrite("the work tree has uncommitted changes: " + ", ".join(dirty[:5])
-                             + (" ..." if len(dirty) > 5 else "") + " (commit them first)")
-
-
-def _check_untracked(repo: Repository, branch: str, new_paths: list[str]) -> None:
-    if repo.current_branch() != branch or not new_paths:
-        return
-    untracked = set(repo.status().untracked)
-    clash = [p for p in new_paths if p in untracked]
-    if clash:
-        raise WouldOverwrite("the merge would overwrite untracked files: " + ", ".join(clash[:5]))
-
-
-def advance_branch(repo: Repository, branch: str, expected: bytes, move: Callable[[], bytes],
-                   update_worktree: bool, progress: Any = None) -> bytes:
-    """Run ``move`` (which moves ``branch`` from ``expected`` by compare-and-swap) and, if the
-    branch is checked out and ``update_worktree``, make the work tree follow like a checkout.
-
-    The work tree is clean at ``expected`` (``require_clean``): HEAD is detached at ``expected``
-    (no file changes), the branch moves, and ``checkout(branch)`` updates the files and
-    re-attaches HEAD. If the move fails, HEAD is re-attached unchanged."""
-    if not update_worktree or repo.current_branch() != branch:
-        return move()
-    repo.checkout(expected.hex())
-    try:
-        new = move()
-    except BaseException:
-        repo.checkout(branch)
-        raise
-    try:
-        repo.checkout(branch, progress=progress)
-    except CoralError as e:
-        raise CoralError(f"{branch} is now at {new.hex()[:12]}, but the work tree could not be updated ({e}); "
-                         f"run 'coralfs checkout {branch}'") from e
-    return new
-
-
 # ------------------------------------------------------------------ merge
 def merge(repo: Repository, theirs: str | bytes, branch: str | None = None, options: MergeOptions | None = None,
           message: str | None = None, author: str | None = None, metrics: Mapping[str, float] | None = None,
@@ -902,7 +859,7 @@ def merge(repo: Repository, theirs: str | bytes, branch: str | None = None, opti
         ours_entries = repo.tree(ours_id).entries
         new_paths = [p for p, e in repo.tree(theirs_id).entries.items() if ours_entries.get(p) != e]
         if update_worktree:
-            _check_untracked(repo, branch, new_paths)
+            check_untracked(repo, branch, new_paths)
 
         def ff() -> bytes:
             repo.set_branch(branch, theirs_id, ours_id)
@@ -921,7 +878,7 @@ def merge(repo: Repository, theirs: str | bytes, branch: str | None = None, opti
         if merger.conflicts:
             raise MergeConflicts(merger.conflicts, branch)
         if update_worktree:
-            _check_untracked(repo, branch, [p for p, e in changes.items() if e is not None])
+            check_untracked(repo, branch, [p for p, e in changes.items() if e is not None])
         commit_meta = {"merge.base": base.hex() if base else "", "merge.theirs": theirs_label}
         if merger.resolved:
             commit_meta["merge.options"] = json.dumps(opts.to_json(), sort_keys=True)

@@ -28,13 +28,13 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from coralfs import refs
 from coralfs.errors import ConcurrentUpdate, InvalidArgument, UnknownRevision
-from coralfs.objects import Commit
+from coralfs.store import refs
+from coralfs.store.objects import Commit
 
 if TYPE_CHECKING:
     from coralfs.repository import Repository
-    from coralfs.store import Txn
+    from coralfs.store.lmdb import Txn
 
 _COMMIT_INDEX = b"c\x00"
 

@@ -8,8 +8,8 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from coralfs.objects import Manifest, Piece
-from coralfs.objectstore import ObjectStore
+from coralfs.store.objects import Manifest, Piece
+from coralfs.store.objectstore import ObjectStore
 
 READAHEAD_BYTES = 8 << 20
 ADVISE_BYTES = 64 << 20  # sequential readers: the disk reads the records this far ahead

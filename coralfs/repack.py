@@ -46,12 +46,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 
-from coralfs import records
+from coralfs.codec import records
 from coralfs.errors import CoralError
 from coralfs.hashing import ID_LEN
 from coralfs.ingest import PENDING_PREFIX
-from coralfs.objectstore import ObjectStore
-from coralfs.store import Txn
+from coralfs.store.lmdb import Txn
+from coralfs.store.objectstore import ObjectStore
 
 REVERSE_MAX_BELOW = 15  # at most this many deltas on a chain above a keyframe
 LOAD_BUDGET = 8.0  # ... holding at most this many times the piece's bytes

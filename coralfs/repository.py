@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from coralfs import keys, refs
 from coralfs.errors import (
     AmbiguousRevision,
     ConcurrentUpdate,
@@ -48,8 +47,12 @@ from coralfs.errors import (
 )
 from coralfs.hashing import hasher
 from coralfs.ingest import DEFAULT_MAX_DEPTH, PENDING_PREFIX, Ingestor, IngestStats, Progress
-from coralfs.locks import gate_for
-from coralfs.objects import (
+from coralfs.reader import FileReader, FileView
+from coralfs.repack import RepackStats, pending_count, repack
+from coralfs.store import keys, refs
+from coralfs.store.lmdb import Store, Txn
+from coralfs.store.locks import gate_for
+from coralfs.store.objects import (
     MODE_EXEC,
     MODE_FILE,
     Commit,
@@ -61,10 +64,7 @@ from coralfs.objects import (
     path_clash,
     path_error,
 )
-from coralfs.objectstore import ObjectStore
-from coralfs.reader import FileReader, FileView
-from coralfs.repack import RepackStats, pending_count, repack
-from coralfs.store import Store, Txn
+from coralfs.store.objectstore import ObjectStore
 from coralfs.worktree_fs import TEMP_PREFIX, SkipCallback, WorkTree, kind, read_blocks
 
 CORAL_DIR = ".coralfs"
@@ -85,7 +85,7 @@ CHECKOUT_LOCK = "checkout.lock"
 #: block), ``refs`` (HEAD moved, journal not yet removed).
 KILL_ENV = "CORALFS_CHECKOUT_KILL_AT"
 
-# LMDB keys that carry a path (coralfs.keys: fsencode'd, hashed when long)
+# LMDB keys that carry a path (coralfs.store.keys: fsencode'd, hashed when long)
 STAGE_PREFIX = b""  # the ``stage`` database
 STAT_PREFIX = b"st\x00"  # index: stat cache
 SKIP_PREFIX = b"sw\x00"  # index: skip-worktree
@@ -189,7 +189,7 @@ class Repository:
 
         Shared: any number of writers at once, across processes; ``gc`` takes the lock
         exclusively, so it never sweeps a chunk that an unfinished ingest has written but not
-        yet referenced. Re-entrant per thread (see :mod:`coralfs.locks`)."""
+        yet referenced. Re-entrant per thread (see :mod:`coralfs.store.locks`)."""
         return self._gate.shared()
 
     def exclusive(self, wait: bool = True) -> contextlib.AbstractContextManager[None]:
@@ -1214,7 +1214,7 @@ class Repository:
 
     def stats(self) -> dict[str, Any]:
         """Logical vs stored bytes, dedup and codec breakdown."""
-        from coralfs import records
+        from coralfs.codec import records
 
         manifests: set[bytes] = set()
         versions = 0

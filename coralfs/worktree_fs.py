@@ -26,7 +26,7 @@ import stat
 from collections.abc import Callable, Iterable, Iterator
 
 from coralfs.errors import CoralError, InvalidPath, UnsafePath
-from coralfs.objects import check_path
+from coralfs.store.objects import check_path
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO must not hang us

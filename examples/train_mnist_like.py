@@ -32,7 +32,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from coralfs.gc import gc, lmdb_info  # noqa: E402
-from coralfs.torch import CheckpointManager  # noqa: E402
+from coralfs.training import CheckpointManager  # noqa: E402
 
 SIZE = 16
 CLASSES = 10

@@ -2,7 +2,7 @@
 
 * ``make_repo``: a factory for empty repositories in a temporary directory (closed at the end).
 * ``fuse_mounter`` (session) / ``fuse_mount`` (per test): mount a repository with a real
-  FUSE filesystem in a subprocess (``python -m coralfs.fuse REPO MOUNTPOINT --foreground``),
+  FUSE filesystem in a subprocess (``python -m coralfs.mount.daemon REPO MOUNTPOINT --foreground``),
   so a crash in the filesystem cannot take the test process down (``FuseMount.kill()``
   simulates one: SIGKILL, then the dead mount is detached). Every mount is always
   unmounted (and its process stopped) by a finalizer, also when the test fails. Tests that
@@ -69,7 +69,7 @@ def _mounted(path: str) -> bool:
 
 @dataclass
 class FuseMount:
-    """A repository mounted by a ``python -m coralfs.fuse --foreground`` subprocess."""
+    """A repository mounted by a ``python -m coralfs.mount.daemon --foreground`` subprocess."""
 
     repo: str
     path: str
@@ -100,7 +100,7 @@ class FuseMount:
         env = dict(os.environ, **(env or {}),
                    PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
         with open(output, "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "coralfs.fuse", repo, mp, "--foreground", *args],
+            proc = subprocess.Popen([sys.executable, "-m", "coralfs.mount.daemon", repo, mp, "--foreground", *args],
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
                                     preexec_fn=_die_with_parent)
         m = cls(repo, mp, proc, output, os.path.join(repo, ".coralfs", "mount.log"))

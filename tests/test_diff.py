@@ -15,8 +15,8 @@ from safetensors.torch import save as st_save  # noqa: E402
 
 from coralfs import cli, ingest  # noqa: E402
 from coralfs.diff import best_commit, diff, to_float64  # noqa: E402
-from coralfs.objectstore import ObjectStore  # noqa: E402
 from coralfs.repository import Repository  # noqa: E402
+from coralfs.store.objectstore import ObjectStore  # noqa: E402
 from tests.factories import TinyNet, train_steps  # noqa: E402
 
 
@@ -26,7 +26,7 @@ def _commit(repo: Repository, files: dict, msg: str, branch: str = "main", **kw)
         if isinstance(obj, bytes):
             with repo.writing():
                 mid, man, _ = repo.ingest_buffer(memoryview(obj), path)
-            from coralfs.objects import TreeEntry
+            from coralfs.store.objects import TreeEntry
             changes[path] = TreeEntry(mid, man.size)
         elif obj is None:
             changes[path] = None

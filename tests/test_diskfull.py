@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 from coralfs import ingest  # noqa: E402
 from coralfs.errors import NoSpace  # noqa: E402
 from coralfs.repository import Repository  # noqa: E402
-from coralfs.store import Store  # noqa: E402
+from coralfs.store.lmdb import Store  # noqa: E402
 from tests.factories import save_pt, sha256, training_series  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

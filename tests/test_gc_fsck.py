@@ -16,8 +16,8 @@ import time
 import pytest
 import torch
 
-from coralfs import records
 from coralfs.cli import main as cli_main
+from coralfs.codec import records
 from coralfs.errors import ConcurrentUpdate, IntegrityError, UnknownRevision
 from coralfs.fsck import fsck
 from coralfs.gc import GcAborted, Marker, gc, lmdb_info

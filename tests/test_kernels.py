@@ -1,11 +1,12 @@
-"""The compiled codec loops (coralfs.kernels) give exactly the bytes of the numpy reference."""
+"""The compiled codec loops (coralfs.codec.kernels) give exactly the bytes of the numpy reference."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from coralfs import kernels, tensorcodec
+from coralfs.codec import kernels
+from coralfs.codec import tensor as tensorcodec
 
 pytestmark = pytest.mark.skipif(kernels.load() is None, reason="numba is not installed (numpy fallback only)")
 

@@ -1,4 +1,4 @@
-"""The gc interlock (coralfs.locks): a process's own writers never make its gc "busy"; another
+"""The gc interlock (coralfs.store.locks): a process's own writers never make its gc "busy"; another
 process's writers do (wait=False) or are waited for; gc is never starved and never deadlocks."""
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ from coralfs import cli  # noqa: E402
 from coralfs.errors import MergeConflict, WouldOverwrite  # noqa: E402
 from coralfs.export import CheckpointLoadError  # noqa: E402
 from coralfs.merge import MergeOptions, is_ancestor, merge, merge_base, merge_bases  # noqa: E402
-from coralfs.objects import TreeEntry  # noqa: E402
 from coralfs.repository import Repository  # noqa: E402
+from coralfs.store.objects import TreeEntry  # noqa: E402
 from tests.factories import TinyNet, train_steps  # noqa: E402
 
 ONLY_OURS = ["fc1.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked"]
@@ -449,7 +449,7 @@ def test_pt_shared_storages_views_and_nested_values(repo):
 
 
 def test_content_on_one_side_mode_on_the_other(repo):
-    from coralfs.objects import MODE_EXEC
+    from coralfs.store.objects import MODE_EXEC
 
     b = _entry(repo, b"#!/bin/sh\necho 1\n", "run.sh")
     c0 = repo.commit_changes("main", {"run.sh": b}, "base")

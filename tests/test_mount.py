@@ -20,12 +20,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from coralfs import records
+from coralfs.codec import records
 from coralfs.errors import PathNotFound, ReadOnly
-from coralfs.mountnodes import NodeTable, StaleNode
-from coralfs.mountview import IsADirectory, MountView, NotADirectory
+from coralfs.mount.nodes import NodeTable, StaleNode
+from coralfs.mount.view import IsADirectory, MountView, NotADirectory
 from coralfs.repository import Repository
-from coralfs.store import Store
+from coralfs.store.lmdb import Store
 from tests.conftest import fuse_unavailable_reason
 from tests.factories import TinyNet, train_steps
 
@@ -467,7 +467,7 @@ def test_cli_mount_umount(world: World, tmp_path: Path) -> None:
     reason = fuse_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    from coralfs.fuse import is_mounted, umount
+    from coralfs.mount.daemon import is_mounted, umount
 
     mp = tmp_path / "cli"
     mp.mkdir()

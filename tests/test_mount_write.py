@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save_file
 
 from coralfs.fsck import fsck
 from coralfs.gc import CONFLICT_PREFIX, PEND_PREFIX, gc
-from coralfs.mountview import MountView
-from coralfs.mountwrite import DEFAULT_COMMIT_DELAY, Writer, list_conflicts, pend_key
-from coralfs.objects import MODE_EXEC, MODE_FILE
+from coralfs.mount.view import MountView
+from coralfs.mount.writer import DEFAULT_COMMIT_DELAY, Writer, list_conflicts, pend_key
 from coralfs.repository import Repository
+from coralfs.store.objects import MODE_EXEC, MODE_FILE
 from tests.factories import TinyNet, train_steps
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -618,7 +618,7 @@ def test_cli_mount_write_umount(make_repo, tmp_path: Path) -> None:
     reason = fuse_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    from coralfs.fuse import is_mounted, umount
+    from coralfs.mount.daemon import is_mounted, umount
 
     repo = seeded(make_repo)
     mp = tmp_path / "daemon"

@@ -194,7 +194,7 @@ def test_fsck_reports_and_repairs_stale_repack_entries(tmp_path: Path) -> None:
 
 
 def test_a_corrupt_version_or_a_malformed_entry_does_not_stall_the_queue(tmp_path: Path) -> None:
-    from coralfs import records
+    from coralfs.codec import records
     from coralfs.ingest import PENDING_PREFIX
 
     datas = _versions(3)

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from coralfs import store as store_mod
-from coralfs.store import Store
+from coralfs.store import lmdb as store_mod
+from coralfs.store.lmdb import Store
 
 SIZES = [0, 1, 100, 1500, 2100, 4080, 4096, 5000, 65536, 1 << 20, (3 << 20) + 7]
 

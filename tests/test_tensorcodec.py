@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coralfs import tensorcodec as tc
+from coralfs.codec import tensor as tc
 from coralfs.errors import FormatError
 
 ALL_CODECS = (tc.RAW, tc.ZSTD, tc.PLANES, tc.XOR, tc.SUB, tc.LIN2)

@@ -11,7 +11,7 @@ import torch
 
 from coralfs.fsck import fsck
 from coralfs.repository import Repository
-from coralfs.torch import CheckpointManager
+from coralfs.training import CheckpointManager
 
 
 @pytest.fixture(autouse=True)

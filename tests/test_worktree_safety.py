@@ -20,13 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from coralfs import cli, refs
+from coralfs import cli
 from coralfs.errors import FormatError, InvalidPath, NameTooLong, UnsafePath
 from coralfs.fsck import fsck
 from coralfs.gc import gc
 from coralfs.hashing import digest
-from coralfs.objects import TYPE_TREE, Commit, Tree, TreeEntry, check_path, deserialize
 from coralfs.repository import JOURNAL, Repository
+from coralfs.store import refs
+from coralfs.store.objects import TYPE_TREE, Commit, Tree, TreeEntry, check_path, deserialize
 
 ROOT = Path(__file__).resolve().parent.parent
 

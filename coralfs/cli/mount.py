@@ -21,7 +21,7 @@ def register(sub: Any) -> None:
                     "directory, or `coralfs flush-mount`, commits at once); mkdir NAME at the top level "
                     "creates a branch. Runs in the background unless --foreground; the log is "
                     "REPO/.coralfs/mount.log.")
-    from coralfs.fuse import add_mount_arguments  # no libfuse needed to build the parser
+    from coralfs.mount.daemon import add_mount_arguments  # no libfuse needed to build the parser
 
     add_mount_arguments(p)
     p.set_defaults(func=cmd_mount, needs_repo=False)
@@ -51,7 +51,7 @@ def register(sub: Any) -> None:
 
 
 def cmd_mount(args: argparse.Namespace, _repo: None) -> int:
-    from coralfs.fuse import mount, mount_options, repo_root
+    from coralfs.mount.daemon import mount, mount_options, repo_root
 
     foreground = args.foreground or args.debug
     pid = mount(args.repository, args.mountpoint, foreground=foreground, **mount_options(args, args.debug))
@@ -61,7 +61,7 @@ def cmd_mount(args: argparse.Namespace, _repo: None) -> int:
 
 
 def cmd_umount(args: argparse.Namespace, _repo: None) -> int:
-    from coralfs.fuse import umount
+    from coralfs.mount.daemon import umount
 
     umount(args.mountpoint, lazy=args.lazy)
     return 0
@@ -69,8 +69,8 @@ def cmd_umount(args: argparse.Namespace, _repo: None) -> int:
 
 def cmd_flush_mount(args: argparse.Namespace, _repo: None) -> int:
     from coralfs.errors import CoralError, InvalidArgument
-    from coralfs.fuse import is_mounted, repo_root
-    from coralfs.mountwrite import (
+    from coralfs.mount.daemon import is_mounted, repo_root
+    from coralfs.mount.writer import (
         flush_repository,
         list_conflicts,
         live_sessions,

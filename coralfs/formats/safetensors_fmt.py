@@ -15,7 +15,7 @@ import struct
 
 import numpy as np
 
-from coralfs.formats import NotThisFormat, Region, fill_gaps, usable_name, valid_shape
+from coralfs.formats.regions import NotThisFormat, Region, fill_gaps, usable_name, valid_shape
 
 # dtype -> element width in bytes (safetensors names)
 DTYPES = {

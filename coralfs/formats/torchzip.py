@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-from coralfs.formats import NotThisFormat, Region, fill_gaps, usable_name, valid_shape
+from coralfs.formats.regions import NotThisFormat, Region, fill_gaps, usable_name, valid_shape
 from coralfs.formats.torchpickle import read_storages
 
 _EOCD = b"PK\x05\x06"

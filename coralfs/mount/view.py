@@ -22,9 +22,9 @@ of a sequential reader are decoded ahead on a small thread pool.
 ``poll_changes()`` tells the FUSE adapter which paths to invalidate in the kernel when a
 branch or tag moves (the adapter uses long attribute/entry timeouts).
 
-Writing (with a :class:`coralfs.mountwrite.Writer`; without one every write is refused
+Writing (with a :class:`coralfs.mount.writer.Writer`; without one every write is refused
 with :class:`ReadOnly`, EROFS): a branch directory is writable and writing is committing,
-see :mod:`coralfs.mountwrite`. A branch directory shows its head tree overlaid with the
+see :mod:`coralfs.mount.writer`. A branch directory shows its head tree overlaid with the
 mount's pending entries (closed, stored, not committed yet; deletions hide files) and the
 files being written (served from their staged copy); session-only empty directories are
 listed too. ``mkdir`` at the top level (or in a namespace directory) creates a branch at
@@ -49,9 +49,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from coralfs import refs
 from coralfs.errors import CoralError, InvalidArgument, InvalidPath, PathNotFound, ReadOnly
-from coralfs.mountwrite import (
+from coralfs.mount.writer import (
     Busy,
     CrossDevice,
     DirectoryNotEmpty,
@@ -61,13 +60,14 @@ from coralfs.mountwrite import (
     Writer,
     exec_mode,
 )
-from coralfs.objects import MODE_EXEC, MODE_FILE, Tag, TreeEntry, check_path
-from coralfs.objectstore import start_threads
 from coralfs.reader import PREFETCH_POOL_THREADS, FileView, prefetch_pool
+from coralfs.store import refs
+from coralfs.store.objects import MODE_EXEC, MODE_FILE, Tag, TreeEntry, check_path
+from coralfs.store.objectstore import start_threads
 
 if TYPE_CHECKING:
     from coralfs.repository import Repository
-    from coralfs.store import Txn
+    from coralfs.store.lmdb import Txn
 
 COMMITS = "@commits"
 TAGS = "@tags"

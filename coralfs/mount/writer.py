@@ -61,7 +61,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from coralfs import keys, refs
 from coralfs.errors import (
     ConcurrentUpdate,
     CoralError,
@@ -70,12 +69,13 @@ from coralfs.errors import (
     RefExists,
 )
 from coralfs.gc import CONFLICT_PREFIX, PEND_PREFIX
-from coralfs.objects import MODE_EXEC, MODE_FILE, TreeEntry
+from coralfs.store import keys, refs
+from coralfs.store.objects import MODE_EXEC, MODE_FILE, TreeEntry
 
 if TYPE_CHECKING:
     from coralfs.reader import FileView
     from coralfs.repository import Repository
-    from coralfs.store import Txn
+    from coralfs.store.lmdb import Txn
 
 log = logging.getLogger("coralfs.mount")
 
@@ -152,7 +152,7 @@ def branch_prefix(branch: str, prefix: bytes = PEND_PREFIX) -> bytes:
 
 
 def pend_key(branch: str, path: str) -> bytes:
-    """``pend\0BRANCH\0PATH`` (a long path is hashed: the value then carries it, see keys.py)."""
+    """``pend\0BRANCH\0PATH`` (a long path is hashed: the value then carries it, see store/keys.py)."""
     return keys.path_key(branch_prefix(branch), path)
 
 

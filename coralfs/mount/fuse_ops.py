@@ -1,7 +1,7 @@
 """The FUSE protocol adapter: libfuse low-level requests -> the mount's node table and view.
 
-See :mod:`coralfs.fuse` for the mount's behaviour and life cycle, :mod:`coralfs.mountview`
-for what a repository looks like as a file system and :mod:`coralfs.mountnodes` for which
+See :mod:`coralfs.mount.daemon` for the mount's behaviour and life cycle, :mod:`coralfs.mount.view`
+for what a repository looks like as a file system and :mod:`coralfs.mount.nodes` for which
 kernel inode each version of a file gets. Nothing here decides semantics.
 """
 
@@ -18,23 +18,24 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from coralfs import fuse_ll, kernels
+from coralfs.codec import kernels
 from coralfs.errors import CoralError
-from coralfs.mountnodes import ROOT_INO, Node, NodeTable, StaleNode, join
-from coralfs.mountview import Attr, IsADirectory, MountView, NotADirectory
-from coralfs.mountwrite import REQUEST
+from coralfs.mount import fuse_ll
+from coralfs.mount.nodes import ROOT_INO, Node, NodeTable, StaleNode, join
+from coralfs.mount.view import Attr, IsADirectory, MountView, NotADirectory
+from coralfs.mount.writer import REQUEST
 
-log = logging.getLogger("coralfs.fuse")
+log = logging.getLogger("coralfs.mount.daemon")
 
 # ------------------------------------------------------------------ the low-level adapter
 S_IFMT_TYPE = {True: stat.S_IFDIR, False: stat.S_IFREG}
 
 
 class CoralFS:
-    """libfuse low-level requests -> :class:`coralfs.mountnodes.NodeTable` + :class:`MountView`.
+    """libfuse low-level requests -> :class:`coralfs.mount.nodes.NodeTable` + :class:`MountView`.
 
     Protocol adapter only: what a repository looks like as a file system is defined in
-    :mod:`coralfs.mountview` (names, contents, write semantics) and :mod:`coralfs.mountnodes`
+    :mod:`coralfs.mount.view` (names, contents, write semantics) and :mod:`coralfs.mount.nodes`
     (which inode each version gets). Every request gets exactly one reply: a handler
     computes its result first and replies last; an exception before the reply becomes its
     errno (``CoralError.errno``; anything unexpected EIO, logged)."""
@@ -43,7 +44,7 @@ class CoralFS:
                  on_ready: Callable[[], None] | None = None, mountpoint: str | None = None,
                  readahead_kb: int | None = None) -> None:
         self.view = view
-        self.ll = ll  # coralfs.fuse_ll.Binding
+        self.ll = ll  # coralfs.mount.fuse_ll.Binding
         self.lib = ll.lib
         self.table = NodeTable(view)
         self.mountpoint = mountpoint

@@ -4,7 +4,7 @@ Layout (little endian)::
 
     magic  b"CRF"   3 bytes
     version         u8   (1)
-    codec           u8   (0 raw, 1 zstd, >=2 see coralfs.tensorcodec)
+    codec           u8   (0 raw, 1 zstd, >=2 see coralfs.codec.tensor)
     width           u8   element width in bytes (1 for non-tensor data)
     nbases          u8   number of base chunk ids that follow the header
     gen             u8   chain policy: a tensor piece's generation (capped at 255; see coralfs.ingest)
@@ -27,7 +27,7 @@ from typing import Any
 
 import zstandard
 
-from coralfs import tensorcodec
+from coralfs.codec import tensor as tensorcodec
 from coralfs.errors import FormatError
 from coralfs.hashing import ID_LEN
 

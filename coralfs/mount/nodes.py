@@ -6,7 +6,7 @@ holding version 0 open would read version 0's bytes cut at version 1's size afte
 commit, and an mmap of it could fault with SIGBUS. So this layer gives every *content* of
 a path its own inode:
 
-* A lookup resolves the path in the :class:`~coralfs.mountview.MountView` and gets a token
+* A lookup resolves the path in the :class:`~coralfs.mount.view.MountView` and gets a token
   for its content (``("f", manifest)``, ``("w", staged id)`` for a file being written
   through this mount, ``("d",)`` for a directory). The node last handed out for the path
   is reused when its token is equal (so unchanged files keep their inode and page cache
@@ -38,10 +38,10 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from coralfs import refs
 from coralfs.errors import CoralError, PathNotFound
-from coralfs.mountview import COMMITS, TAGS, Attr, MountView, Resolved
-from coralfs.mountwrite import Staged
+from coralfs.mount.view import COMMITS, TAGS, Attr, MountView, Resolved
+from coralfs.mount.writer import Staged
+from coralfs.store import refs
 
 ROOT_INO = 1
 #: an ``open`` right after the lookup that returned the node is not refused as stale: the

@@ -41,7 +41,7 @@ import threading
 import numpy as np
 import zstandard
 
-from coralfs import kernels
+from coralfs.codec import kernels
 from coralfs.errors import FormatError
 
 RAW = 0

@@ -2,7 +2,7 @@
 
 ::
 
-    from coralfs.torch import CheckpointManager
+    from coralfs.training import CheckpointManager
 
     ckpt = CheckpointManager("./runs_repo", branch="exp/lr-3e-4", save_every_n_steps=500,
                              save_on_best_metric="val_acc", mode="max", keep_best_n=3, keep_last_n=2)
@@ -251,8 +251,8 @@ class CheckpointManager:
         return r
 
     def _ensure_branch(self) -> None:
-        from coralfs import refs
         from coralfs.errors import RefExists
+        from coralfs.store import refs
 
         assert self.repo is not None
         refs.check_ref_name(self.branch)

@@ -13,11 +13,11 @@ from collections.abc import Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
-from coralfs import records
+from coralfs.codec import records
 from coralfs.errors import FormatError, IntegrityError, MissingObject
 from coralfs.hashing import digest
-from coralfs.objects import Object, deserialize
-from coralfs.store import Store, Txn
+from coralfs.store.lmdb import Store, Txn
+from coralfs.store.objects import Object, deserialize
 
 MAX_CHAIN = 64  # a sanity bound for decoding; ingest keeps chains far shorter
 

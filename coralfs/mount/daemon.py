@@ -1,14 +1,14 @@
 """The FUSE mount: life cycle (mount, daemon, umount) and options.
 
 ``mount(repo, mountpoint)`` makes every branch, commit and tag of a repository a
-directory (see :mod:`coralfs.mountview` for the layout); ``umount(mountpoint)`` undoes it.
-The protocol adapter is :mod:`coralfs.fuse_ops` (libfuse 3's low-level API, bound in
-:mod:`coralfs.fuse_ll`), over :mod:`coralfs.mountnodes` (inodes) and
-:mod:`coralfs.mountview` (what the file system shows).
+directory (see :mod:`coralfs.mount.view` for the layout); ``umount(mountpoint)`` undoes it.
+The protocol adapter is :mod:`coralfs.mount.fuse_ops` (libfuse 3's low-level API, bound in
+:mod:`coralfs.mount.fuse_ll`), over :mod:`coralfs.mount.nodes` (inodes) and
+:mod:`coralfs.mount.view` (what the file system shows).
 
 How it stays correct and fast:
 
-* **One inode per version of a file** (:mod:`coralfs.mountnodes`). The kernel keeps one
+* **One inode per version of a file** (:mod:`coralfs.mount.nodes`). The kernel keeps one
   page cache and one size per inode, so a file opened from a branch directory is a
   snapshot for the life of its handle: ``read``, ``fstat`` and ``mmap`` all show the
   version it opened, whatever the branch does meanwhile. An unchanged file keeps its
@@ -27,7 +27,7 @@ How it stays correct and fast:
   decode per chunk at a time; sequential readers get the next chunks decoded ahead).
   Kernel readahead on the mount is raised to ``READAHEAD_KB`` (root only). ``direct_io``
   is off by default (it defeats the page cache and shared mmap); ``--direct-io`` opts in.
-* The compiled decode loops (:mod:`coralfs.kernels`, numba) load on a thread from the
+* The compiled decode loops (:mod:`coralfs.codec.kernels`, numba) load on a thread from the
   daemon's start; ``mount`` returns once they are ready (~0.4 s more than without).
 * glibc ``mallopt(M_MMAP_THRESHOLD=64 MiB, M_TRIM_THRESHOLD=512 MiB, M_ARENA_MAX=1)`` at
   start-up: without it 1 MiB requests churn ``mmap``/``brk`` and stall. Then 256 MiB of heap
@@ -41,7 +41,7 @@ How it stays correct and fast:
   kernel checks the modes shown (``default_permissions``): files and directories belong to
   the owner and are writable by the owner only; ``--allow-other-write`` makes branch
   directories writable by everyone, and commits then name who wrote.
-* Writes (see :mod:`coralfs.mountwrite`): a branch directory is writable and writing is
+* Writes (see :mod:`coralfs.mount.writer`): a branch directory is writable and writing is
   committing. A written file is staged on local disk in the repository and stored
   (ingested, recorded as a durable pending entry) when it is closed (``flush``) or
   ``fsync``-ed: errors surface there (``release``'s return value is ignored by the
@@ -88,17 +88,17 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from coralfs import kernels
+from coralfs.codec import kernels
 from coralfs.errors import CoralError, InvalidArgument, NotARepository
 
 if TYPE_CHECKING:  # imported lazily: `coralfs --help` stays cheap
-    from coralfs.mountview import MountView
+    from coralfs.mount.view import MountView
 
-log = logging.getLogger("coralfs.fuse")
+log = logging.getLogger("coralfs.mount.daemon")
 
 CORAL_DIR = ".coralfs"
 LOG_NAME = "mount.log"
-COMMIT_DELAY = 1.5  # seconds; = coralfs.mountwrite.DEFAULT_COMMIT_DELAY (not imported: --help stays cheap)
+COMMIT_DELAY = 1.5  # seconds; = coralfs.mount.writer.DEFAULT_COMMIT_DELAY (not imported: --help stays cheap)
 ATTR_TIMEOUT = 3600.0  # seconds; branch/tag paths are invalidated explicitly when they move
 REFRESH_INTERVAL = 0.2  # seconds between ref polls
 MOUNT_TIMEOUT = 30.0
@@ -144,7 +144,7 @@ def load_mfusepy() -> Any:
     if mfusepy.fuse_version_major != 3:
         raise CoralError(f"mfusepy is bound to libfuse {mfusepy.fuse_version_major}."
                          f"{mfusepy.fuse_version_minor} ({mfusepy._libfuse_path}); coralfs needs libfuse 3 "
-                         "(unset FUSE_LIBRARY_PATH, or import coralfs.fuse before mfusepy)")
+                         "(unset FUSE_LIBRARY_PATH, or import coralfs.mount.daemon before mfusepy)")
     lib = mfusepy._libfuse
     lib.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     lib.fuse_invalidate_path.restype = ctypes.c_int
@@ -255,10 +255,10 @@ def _serve(root: str, mountpoint: str, *, direct_io: bool, debug: bool, allow_ot
     # SIGTERM/SIGINT/SIGHUP end the session: libfuse's handlers run in this thread only (the
     # one waiting for the session to end); every thread started from here on blocks them
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
-    from coralfs import fuse_ll
-    from coralfs.fuse_ops import CoralFS
-    from coralfs.mountview import DEFAULT_BLKSIZE, PREFETCH_BYTES, MountView
-    from coralfs.mountwrite import Writer
+    from coralfs.mount import fuse_ll
+    from coralfs.mount.fuse_ops import CoralFS
+    from coralfs.mount.view import DEFAULT_BLKSIZE, PREFETCH_BYTES, MountView
+    from coralfs.mount.writer import Writer
     from coralfs.repository import Repository
 
     mfusepy = load_mfusepy()
@@ -350,7 +350,7 @@ def _daemon_args(kw: dict[str, Any]) -> list[str]:
 def _daemonize(root: str, mp: str, lp: str, kw: dict[str, Any], timeout: float) -> int:
     """Start the daemon and wait until the mount is live; returns the daemon's pid.
 
-    The daemon is a fresh interpreter (``python -m coralfs.fuse ... --detach``), not a fork
+    The daemon is a fresh interpreter (``python -m coralfs.mount.daemon ... --detach``), not a fork
     of this process: nothing crosses over, neither this process's threads nor an LMDB
     environment it has open (py-lmdb refuses to reopen an environment a forked parent
     holds). It forks once more at start-up, before it opens anything, so it is not left
@@ -361,7 +361,7 @@ def _daemonize(root: str, mp: str, lp: str, kw: dict[str, Any], timeout: float) 
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(coralfs.__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "coralfs.fuse", root, mp, "--detach", f"--ready-fd={w}", *_daemon_args(kw)]
+    cmd = [sys.executable, "-m", "coralfs.mount.daemon", root, mp, "--detach", f"--ready-fd={w}", *_daemon_args(kw)]
     try:
         with open(lp, "ab") as logf:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
@@ -475,7 +475,7 @@ def umount(mountpoint: str | os.PathLike[str], lazy: bool = False) -> None:
     raise CoralError(f"could not unmount {mp}{hint}: " + ("; ".join(dict.fromkeys(errors)) or "no fusermount"))
 
 
-# ------------------------------------------------------------------ python -m coralfs.fuse
+# ------------------------------------------------------------------ python -m coralfs.mount.daemon
 def add_mount_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("repository", metavar="REPO", help="the repository to mount")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
@@ -519,7 +519,7 @@ def mount_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m coralfs.fuse", description="Mount a coralfs repository.")
+    p = argparse.ArgumentParser(prog="python -m coralfs.mount.daemon", description="Mount a coralfs repository.")
     add_mount_arguments(p)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)  # set by _daemonize
     p.add_argument("--detach", action="store_true", help=argparse.SUPPRESS)

@@ -1,8 +1,8 @@
 """The LMDB-backed store: one environment per repository, named databases.
 
 Databases:
-    chunks   chunk id (32 bytes)            -> chunk record (coralfs.records)
-    objects  object id (32 bytes)           -> serialized object (coralfs.objects)
+    chunks   chunk id (32 bytes)            -> chunk record (coralfs.codec.records)
+    objects  object id (32 bytes)           -> serialized object (coralfs.store.objects)
     refs     b"branch:NAME" / b"tag:NAME"   -> 32-byte id;  b"HEAD" -> b"ref:branch:NAME" or id
     stage    path (utf-8)                   -> JSON staging entry
     index    arbitrary index keys           -> values (tensor base index, stat cache, ...)

@@ -6,7 +6,7 @@ files by path and lets libfuse keep one kernel inode per path. Every version of 
 file then shares one inode, so one page cache and one ``i_size``: a reader that opened
 version 0 read version 0's bytes cut at version 1's size once a commit moved the branch
 (issue: "never wrong bytes"). The low-level API lets the filesystem choose the inode of
-every lookup, so each version of a file gets its own inode (see :mod:`coralfs.mountnodes`).
+every lookup, so each version of a file gets its own inode (see :mod:`coralfs.mount.nodes`).
 mfusepy has no low-level binding; it still loads libfuse for us (the same library search,
 ``FUSE_LIBRARY_PATH``, the libfuse 3 preference of :func:`coralfs.fuse.load_mfusepy`) and
 provides the ABI-aware structures (``fuse_file_info`` across libfuse 3 minor versions,
@@ -15,7 +15,7 @@ provides the ABI-aware structures (``fuse_file_info`` across libfuse 3 minor ver
 The operation table follows ``struct fuse_lowlevel_ops`` of libfuse 3.x (fuse_lowlevel.h;
 the order has been stable since 3.0; fields past the ones libfuse knows are never read,
 ``op_size`` says how many we pass). Every callback must reply exactly once; the
-dispatcher in :mod:`coralfs.fuse` guarantees that.
+dispatcher in :mod:`coralfs.mount.daemon` guarantees that.
 """
 
 from __future__ import annotations

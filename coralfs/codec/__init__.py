@@ -1,0 +1,1 @@
+"""Encoding: chunk records and the lossless tensor codecs (and their compiled loops)."""

@@ -1,0 +1,1 @@
+"""The store: LMDB environment and transactions, key layout, refs, objects, the object store, the gc interlock."""

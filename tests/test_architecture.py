@@ -14,7 +14,8 @@ Each layer is a set of packages (or top-level modules) of ``coralfs``:
 ====  ==============  ==============================================================
 
 A module may import its own layer or lower ones; modules never import each other in a
-cycle. docs/design.md and the README point here instead of restating the table.
+cycle (imports under ``if TYPE_CHECKING:`` are annotations, not dependencies, and do not
+count). docs/design.md and the README point here instead of restating the table.
 """
 
 from __future__ import annotations
@@ -59,7 +60,13 @@ def _imports(path: Path, mods: dict[str, Path]) -> set[str]:
     """The coralfs modules a file imports (``from coralfs.x import y`` counts module x.y when it
     is one, else x)."""
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                   and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+                   for n in ast.walk(node)}  # annotations only: not a dependency at run time
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("coralfs") and node.level == 0:
             base = node.module[len("coralfs"):].lstrip(".")
             for a in node.names:

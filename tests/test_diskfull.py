@@ -325,7 +325,7 @@ def test_nospace_after_the_ingest_removes_its_manifest_too(tmp_path, monkeypatch
         def stage(*a, **k):
             r.store.write(lambda t: (_ for _ in ()).throw(lmdb.DiskError("mdb_txn_commit: No space left on device")))
 
-        monkeypatch.setattr(r, "_stage", stage)
+        monkeypatch.setattr(r.worktree, "_stage", stage)
         with pytest.raises(NoSpace) as ei:
             r.add([ours])
         assert "were removed" in str(ei.value), str(ei.value)

@@ -120,7 +120,7 @@ def test_status_uses_stat_cache(repo, monkeypatch):
     _write_ckpt(repo, "a.pt", 0)
     repo.add([os.path.join(repo.root, "a.pt")])
     repo.commit("a")
-    import coralfs.repository as mod
+    import coralfs.worktree as mod
 
     def boom(fd):
         raise AssertionError("status re-hashed an unchanged file")

@@ -25,9 +25,10 @@ from coralfs.errors import FormatError, InvalidPath, NameTooLong, UnsafePath
 from coralfs.fsck import fsck
 from coralfs.gc import gc
 from coralfs.hashing import digest
-from coralfs.repository import JOURNAL, Repository
+from coralfs.repository import Repository
 from coralfs.store import refs
 from coralfs.store.objects import TYPE_TREE, Commit, Tree, TreeEntry, check_path, deserialize
+from coralfs.worktree import JOURNAL
 
 ROOT = Path(__file__).resolve().parent.parent
 

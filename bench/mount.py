@@ -65,8 +65,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from coralfs.mount.daemon import READAHEAD_KB, mount, umount  # noqa: E402
-from coralfs.mount.writer import live_sessions  # noqa: E402
+from coralfs.mount.daemon import mount, umount  # noqa: E402
+from coralfs.mount.options import READAHEAD_KB  # noqa: E402
+from coralfs.mount.sessions import live_sessions  # noqa: E402
 from coralfs.repository import Repository  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache" / "mount-bench"

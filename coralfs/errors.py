@@ -154,3 +154,95 @@ class UnsafePath(InvalidPath):
     """path goes through a symbolic link or a non-directory in the work tree"""
 
     errno = errno.ELOOP
+
+
+# ------------------------------------------------------------------ the mount's (errno first)
+class DirectoryNotEmpty(CoralError):
+    """directory not empty"""
+
+    exit_code = 2
+    errno = errno.ENOTEMPTY
+
+
+class FileExists(CoralError):
+    """file exists"""
+
+    exit_code = 2
+    errno = errno.EEXIST
+
+
+class CrossDevice(CoralError):
+    """cannot move between branches (copy instead)"""
+
+    exit_code = 2
+    errno = errno.EXDEV
+
+
+class NotPermitted(CoralError):
+    """operation not permitted"""
+
+    exit_code = 2
+    errno = errno.EPERM
+
+
+class Busy(CoralError):
+    """resource busy"""
+
+    exit_code = 2
+    errno = errno.EBUSY
+
+
+class IngestFailed(CoralError):
+    """the written file could not be stored"""
+
+    exit_code = 1
+    errno = errno.EIO
+
+
+class AlreadyMounted(CoralError):
+    """the repository is already mounted writable"""
+
+    exit_code = 7
+    errno = errno.EBUSY
+
+
+class NotADirectory(CoralError):
+    """not a directory"""
+
+    exit_code = 2
+    errno = errno.ENOTDIR
+
+
+class IsADirectory(CoralError):
+    """is a directory"""
+
+    exit_code = 2
+    errno = errno.EISDIR
+
+
+class BadFileHandle(CoralError):
+    """bad file handle"""
+
+    exit_code = 2
+    errno = errno.EBADF
+
+
+class NotSupported(CoralError):
+    """operation not supported"""
+
+    exit_code = 2
+    errno = errno.EOPNOTSUPP
+
+
+class StaleNode(CoralError):
+    """stale file handle: the path shows another version now (the kernel looks it up again)"""
+
+    exit_code = 1
+    errno = errno.ESTALE
+
+
+class UnknownNode(CoralError):
+    """no such inode"""
+
+    exit_code = 1
+    errno = errno.ENOENT

@@ -21,9 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from coralfs.codec import records
-from coralfs.errors import PathNotFound, ReadOnly
-from coralfs.mount.nodes import NodeTable, StaleNode
-from coralfs.mount.view import IsADirectory, MountView, NotADirectory
+from coralfs.errors import IsADirectory, NotADirectory, PathNotFound, ReadOnly, StaleNode
+from coralfs.mount.nodes import NodeTable
+from coralfs.mount.view import MountView
 from coralfs.repository import Repository
 from coralfs.store.lmdb import Store
 from tests.conftest import fuse_unavailable_reason

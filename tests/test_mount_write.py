@@ -24,8 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from coralfs.fsck import fsck
 from coralfs.gc import CONFLICT_PREFIX, PEND_PREFIX, gc
+from coralfs.mount.pending import list_conflicts, pend_key
 from coralfs.mount.view import MountView
-from coralfs.mount.writer import DEFAULT_COMMIT_DELAY, Writer, list_conflicts, pend_key
+from coralfs.mount.writer import DEFAULT_COMMIT_DELAY, Writer
 from coralfs.repository import Repository
 from coralfs.store.objects import MODE_EXEC, MODE_FILE
 from tests.factories import TinyNet, train_steps

@@ -21,7 +21,7 @@ def register(sub: Any) -> None:
                     "directory, or `coralfs flush-mount`, commits at once); mkdir NAME at the top level "
                     "creates a branch. Runs in the background unless --foreground; the log is "
                     "REPO/.coralfs/mount.log.")
-    from coralfs.mount.daemon import add_mount_arguments  # no libfuse needed to build the parser
+    from coralfs.mount.options import add_mount_arguments  # cheap: no libfuse, no numpy
 
     add_mount_arguments(p)
     p.set_defaults(func=cmd_mount, needs_repo=False)
@@ -51,10 +51,13 @@ def register(sub: Any) -> None:
 
 
 def cmd_mount(args: argparse.Namespace, _repo: None) -> int:
-    from coralfs.mount.daemon import mount, mount_options, repo_root
+    from coralfs.mount.daemon import mount
+    from coralfs.mount.mtab import repo_root
+    from coralfs.mount.options import MountOptions
 
-    foreground = args.foreground or args.debug
-    pid = mount(args.repository, args.mountpoint, foreground=foreground, **mount_options(args, args.debug))
+    opts = MountOptions.from_args(args)
+    foreground = args.foreground or opts.debug
+    pid = mount(args.repository, args.mountpoint, opts, foreground=foreground)
     if not foreground:
         cli.info(args, f"mounted {repo_root(args.repository)} on {os.path.abspath(args.mountpoint)} (pid {pid})")
     return 0
@@ -68,16 +71,10 @@ def cmd_umount(args: argparse.Namespace, _repo: None) -> int:
 
 
 def cmd_flush_mount(args: argparse.Namespace, _repo: None) -> int:
-    from coralfs.errors import CoralError, InvalidArgument
-    from coralfs.mount.daemon import is_mounted, repo_root
-    from coralfs.mount.writer import (
-        flush_repository,
-        list_conflicts,
-        live_sessions,
-        mount_lock_holder,
-        recover_conflict,
-        take_mount_lock,
-    )
+    from coralfs.errors import InvalidArgument
+    from coralfs.mount.mtab import repo_root
+    from coralfs.mount.pending import list_conflicts, recover_conflict
+    from coralfs.mount.sessions import flush
     from coralfs.repository import Repository
 
     root = repo_root(args.repository)
@@ -97,59 +94,18 @@ def cmd_flush_mount(args: argparse.Namespace, _repo: None) -> int:
                 cli.out(f"{cid}  {c['branch']}  {len(c['files'])} file(s): {', '.join(sorted(c['files']))}"
                         f"  ({', '.join(c['conflicts'])}: {c['reason']})")
         return 0
-    holder = mount_lock_holder(root)  # the running writable mount, if any
-    live = [s for s in live_sessions(root) if s.get("mountpoint") and is_mounted(s["mountpoint"])]
-    if holder is not None and not live:
-        raise CoralError(f"a writable mount of {root} is running (pid {holder.get('pid', '?')}) but its mount point "
-                         f"{holder.get('mountpoint', '?')} is not mounted; unmount it or stop that process")
-    results: list[dict[str, object]] = []
-    if live:  # the running mount commits (it holds the files being written)
-        with Repository(root) as repo:
-            before = repo.branches()
-        for s in live:
-            targets = [os.path.join(s["mountpoint"], b) for b in args.branches] or [s["mountpoint"]]
-            for t in targets:
-                try:
-                    fd = os.open(t, os.O_RDONLY | os.O_DIRECTORY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                except OSError as e:
-                    raise CoralError(f"the mount on {s['mountpoint']} could not commit {t}: {e.strerror} "
-                                     f"(see {os.path.join(root, '.coralfs', 'mount.log')})") from None
-        with Repository(root) as repo:
-            after = repo.branches()
-            for b in sorted(after):
-                if before.get(b) != after[b] and (not args.branches or b in args.branches):
-                    msg = repo.get_commit(after[b]).message.splitlines()[0]
-                    results.append({"branch": b, "commit": after[b].hex(), "message": msg})
-                    if not args.json:
-                        cli.info(args, f"{b}: committed {cli.short_id(after[b])} {msg} (by the mount on "
-                                       f"{live[0]['mountpoint']})")
-    else:
-        lock = take_mount_lock(root, None)  # (no mount may start meanwhile: it would commit the same entries)
-        try:
-            with Repository(root) as repo:
-                recovered: list[str] = []
-                outcomes = flush_repository(repo, args.branches or None, recovered)
-        finally:
-            os.close(lock)
-        for line in recovered:
-            cli.info(args, line)
-        for b, o in outcomes:
-            results.append({"branch": b, "commit": o.commit.hex() if o.commit else None,
-                            "message": o.message.splitlines()[0] if o.message else "",
-                            "conflict": o.conflict_id})
-            if args.json:
-                continue
-            if o.commit:
-                cli.info(args, f"{b}: committed {cli.short_id(o.commit)} {o.message.splitlines()[0]}")
-            if o.conflicts:
-                cli.out(f"{b}: refused, {', '.join(o.conflicts)} {o.reason}; kept as conflict {o.conflict_id}")
+    report = flush(root, args.branches or None)
     if args.json:
-        cli.print_json(results)
-    elif not results:
+        cli.print_json([r.to_json() for r in report.results])
+        return 0
+    for line in report.recovered:
+        cli.info(args, line)
+    by = f" (by the mount on {report.mountpoint})" if report.mountpoint else ""
+    for r in report.results:
+        if r.commit:
+            cli.info(args, f"{r.branch}: committed {cli.short_id(r.commit)} {r.message}{by}")
+        if r.conflicts:
+            cli.out(f"{r.branch}: refused, {', '.join(r.conflicts)} {r.reason}; kept as conflict {r.conflict}")
+    if not report.results:
         cli.info(args, "nothing pending")
     return 0
-

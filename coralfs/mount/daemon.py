@@ -89,68 +89,23 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from coralfs.codec import kernels
-from coralfs.errors import CoralError, InvalidArgument, NotARepository
+from coralfs.errors import CoralError, InvalidArgument
+from coralfs.mount.mtab import is_mounted, log_path, mounts, repo_root
+from coralfs.mount.options import MountOptions, add_mount_arguments
 
 if TYPE_CHECKING:  # imported lazily: `coralfs --help` stays cheap
     from coralfs.mount.view import MountView
 
 log = logging.getLogger("coralfs.mount.daemon")
 
-CORAL_DIR = ".coralfs"
-LOG_NAME = "mount.log"
-COMMIT_DELAY = 1.5  # seconds; = coralfs.mount.writer.DEFAULT_COMMIT_DELAY (not imported: --help stays cheap)
-ATTR_TIMEOUT = 3600.0  # seconds; branch/tag paths are invalidated explicitly when they move
-REFRESH_INTERVAL = 0.2  # seconds between ref polls
 MOUNT_TIMEOUT = 30.0
-READAHEAD_KB = 1024  # 8x the kernel default; more only over-reads (and decodes) around mmap faults
 MMAP_THRESHOLD = 64 << 20
 TRIM_THRESHOLD = 512 << 20
 RESERVE_BYTES = 256 << 20  # heap faulted in at start for decoded chunks (the chunk cache's size)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-FUSE_CAP_ATOMIC_O_TRUNC = 1 << 3
-FUSE_CAP_AUTO_INVAL_DATA = 1 << 12
-FUSE_CAP_EXPLICIT_INVAL_DATA = 1 << 25
 
 
-# ------------------------------------------------------------------ libfuse 3 via mfusepy
-def _find_libfuse3() -> str | None:
-    name = ctypes.util.find_library("fuse3")
-    if name:
-        return name
-    for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu",
-              "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/lib64", "/lib"):
-        p = os.path.join(d, "libfuse3.so.3")
-        if os.path.exists(p):
-            return p
-    return None
-
-
-def load_mfusepy() -> Any:
-    """Import mfusepy bound to libfuse 3 (it would pick libfuse 2 if both are installed)."""
-    if "mfusepy" not in sys.modules and not os.environ.get("FUSE_LIBRARY_PATH"):
-        lib = _find_libfuse3()
-        if lib is None:
-            raise CoralError("libfuse 3 is not installed (apt-get install fuse3)")
-        os.environ["FUSE_LIBRARY_PATH"] = lib
-        try:
-            import mfusepy
-        finally:
-            del os.environ["FUSE_LIBRARY_PATH"]
-    else:
-        try:
-            import mfusepy
-        except OSError as e:
-            raise CoralError(f"cannot load libfuse: {e}") from e
-    if mfusepy.fuse_version_major != 3:
-        raise CoralError(f"mfusepy is bound to libfuse {mfusepy.fuse_version_major}."
-                         f"{mfusepy.fuse_version_minor} ({mfusepy._libfuse_path}); coralfs needs libfuse 3 "
-                         "(unset FUSE_LIBRARY_PATH, or import coralfs.mount.daemon before mfusepy)")
-    lib = mfusepy._libfuse
-    lib.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    lib.fuse_invalidate_path.restype = ctypes.c_int
-    return mfusepy
-
-
+# ------------------------------------------------------------------ the process
 def tune_malloc() -> bool:
     """glibc: keep 1 MiB read buffers in the heap, one heap for all threads (so memory one
     thread frees, another reuses), and do not trim it eagerly."""
@@ -188,51 +143,6 @@ def reserve_heap(nbytes: int = RESERVE_BYTES) -> None:
 
 
 # ------------------------------------------------------------------ mount / umount
-def repo_root(path: str | os.PathLike[str]) -> str:
-    """The repository directory for ``path`` (which may name its .coralfs); nothing is opened."""
-    p = os.path.abspath(os.fspath(path))
-    if os.path.basename(p) == CORAL_DIR:
-        p = os.path.dirname(p)
-    if not os.path.isfile(os.path.join(p, CORAL_DIR, "store", "data.mdb")):
-        raise NotARepository(f"not a coralfs repository: {p}")
-    return p
-
-
-def log_path(repo: str | os.PathLike[str]) -> str:
-    return os.path.join(repo_root(repo), CORAL_DIR, LOG_NAME)
-
-
-def _unescape_mount_field(s: str) -> str:
-    out, i = [], 0
-    while i < len(s):
-        if s[i] == "\\" and i + 3 < len(s) and s[i + 1:i + 4].isdigit():
-            out.append(chr(int(s[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
-
-
-def mounts() -> dict[str, str]:
-    """Mount point -> filesystem type, from /proc/self/mountinfo (stale FUSE mounts included)."""
-    out: dict[str, str] = {}
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                pre, _, post = line.partition(" - ")
-                fields = pre.split()
-                if len(fields) >= 5:
-                    out[_unescape_mount_field(fields[4])] = post.split()[0] if post else ""
-    except OSError:
-        pass
-    return out
-
-
-def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
-    return os.path.abspath(os.fspath(mountpoint)) in mounts()
-
-
 def _setup_logging(path: str, debug: bool) -> logging.Handler:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(process)d %(threadName)s] "
@@ -245,11 +155,7 @@ def _setup_logging(path: str, debug: bool) -> logging.Handler:
     return handler
 
 
-def _serve(root: str, mountpoint: str, *, direct_io: bool, debug: bool, allow_other: bool,
-           attr_timeout: float, refresh_interval: float, blksize: int | None, max_idle_threads: int = 16,
-           readahead_kb: int | None = READAHEAD_KB, prefetch_mb: int | None = None, read_only: bool = False,
-           commit_delay: float = COMMIT_DELAY, allow_other_write: bool = False,
-           on_ready: Callable[[], None] | None = None) -> int:
+def _serve(root: str, mountpoint: str, opts: MountOptions, on_ready: Callable[[], None] | None = None) -> int:
     """Run the filesystem until it is unmounted (blocks). Opens the repository here; a writable
     mount first recovers what earlier mount sessions left (staged data, pending commits)."""
     # SIGTERM/SIGINT/SIGHUP end the session: libfuse's handlers run in this thread only (the
@@ -261,7 +167,7 @@ def _serve(root: str, mountpoint: str, *, direct_io: bool, debug: bool, allow_ot
     from coralfs.mount.writer import Writer
     from coralfs.repository import Repository
 
-    mfusepy = load_mfusepy()
+    mfusepy = fuse_ll.load_mfusepy()
     ll = fuse_ll.Binding(mfusepy)
     tune_malloc()
     kernels.load_in_background()  # compiled decode loops for this long-lived process
@@ -274,23 +180,18 @@ def _serve(root: str, mountpoint: str, *, direct_io: bool, debug: bool, allow_ot
     writer: Writer | None = None
     fs: CoralFS | None = None
     try:
-        if not read_only:
-            writer = Writer(repo, commit_delay=commit_delay, mountpoint=mountpoint)
+        if not opts.read_only:
+            writer = Writer(repo, commit_delay=opts.commit_delay, mountpoint=mountpoint)
             writer.start()
-        view = MountView(repo, blksize=blksize or DEFAULT_BLKSIZE,
-                         prefetch_bytes=PREFETCH_BYTES if prefetch_mb is None else prefetch_mb << 20, writer=writer,
-                         shared_write=allow_other and allow_other_write)
-        fs = CoralFS(view, ll, direct_io=direct_io, attr_timeout=attr_timeout, refresh_interval=refresh_interval,
-                     on_ready=on_ready, mountpoint=mountpoint, readahead_kb=readahead_kb)
-        log.info("mounting %s on %s (libfuse %d.%d low-level, pid %d, direct_io=%s, %s%s)", root, mountpoint,
-                 mfusepy.fuse_version_major, mfusepy.fuse_version_minor, os.getpid(), direct_io,
-                 "read-only" if read_only else f"writable, commit delay {commit_delay:g} s",
-                 (", other users may write" if allow_other_write else ", other users may read") if allow_other
-                 else "")
-        options = ["fsname=coralfs", "subtype=coralfs", "noatime"]
-        if allow_other:  # other users: the kernel checks the modes we show (owner: this user)
-            options += ["allow_other", "default_permissions"]
-        return fs.run(mountpoint, options, debug, max_idle_threads)
+        prefetch = PREFETCH_BYTES if opts.prefetch_mb is None else opts.prefetch_mb << 20
+        view = MountView(repo, blksize=opts.blksize or DEFAULT_BLKSIZE, prefetch_bytes=prefetch, writer=writer,
+                         shared_write=opts.allow_other_write)
+        fs = CoralFS(view, ll, direct_io=opts.direct_io, attr_timeout=opts.attr_timeout,
+                     refresh_interval=opts.refresh_interval, on_ready=on_ready, mountpoint=mountpoint,
+                     readahead_kb=opts.readahead_kb)
+        log.info("mounting %s on %s (libfuse %d.%d low-level, pid %d, %s)", root, mountpoint,
+                 mfusepy.fuse_version_major, mfusepy.fuse_version_minor, os.getpid(), opts)
+        return fs.run(mountpoint, opts.fuse_options(), opts.debug, opts.max_idle_threads)
     finally:
         if fs is not None:
             fs.stop()  # (already done by destroy after a clean unmount)
@@ -301,14 +202,12 @@ def _serve(root: str, mountpoint: str, *, direct_io: bool, debug: bool, allow_ot
         repo.close()
 
 
-def mount(repo_path: str | os.PathLike[str], mountpoint: str | os.PathLike[str], foreground: bool = False, *,
-          direct_io: bool = False, debug: bool = False, allow_other: bool = False,
-          attr_timeout: float = ATTR_TIMEOUT, refresh_interval: float = REFRESH_INTERVAL,
-          blksize: int | None = None, readahead_kb: int | None = READAHEAD_KB, prefetch_mb: int | None = None,
-          read_only: bool = False, commit_delay: float = COMMIT_DELAY, allow_other_write: bool = False,
-          timeout: float = MOUNT_TIMEOUT) -> int:
-    """Mount a repository. In the foreground this blocks until unmounted; otherwise the
-    filesystem runs in a daemon and this returns (the daemon's pid) once the mount is live."""
+def mount(repo_path: str | os.PathLike[str], mountpoint: str | os.PathLike[str], options: MountOptions | None = None,
+          *, foreground: bool = False, timeout: float = MOUNT_TIMEOUT, **changes: Any) -> int:
+    """Mount a repository (``changes``: MountOptions fields, e.g. ``read_only=True``). In the
+    foreground this blocks until unmounted; otherwise the filesystem runs in a daemon and this
+    returns (the daemon's pid) once the mount is live."""
+    opts = (options or MountOptions()).with_(**changes)
     root = repo_root(repo_path)
     mp = os.path.abspath(os.fspath(mountpoint))
     if not os.path.isdir(mp):
@@ -317,37 +216,22 @@ def mount(repo_path: str | os.PathLike[str], mountpoint: str | os.PathLike[str],
         raise InvalidArgument(f"{mp} is already a mount point (coralfs umount {mp})")
     if not os.path.exists("/dev/fuse"):
         raise CoralError("/dev/fuse is missing: FUSE is not available here")
+    from coralfs.mount.fuse_ll import load_mfusepy
+
     load_mfusepy()  # fail early and clearly, before forking
     lp = log_path(root)
-    kw = dict(direct_io=direct_io, debug=debug, allow_other=allow_other, attr_timeout=attr_timeout,
-              refresh_interval=refresh_interval, blksize=blksize, readahead_kb=readahead_kb,
-              prefetch_mb=prefetch_mb, read_only=read_only, commit_delay=commit_delay,
-              allow_other_write=allow_other_write)
     if foreground:
-        handler = _setup_logging(lp, debug)
+        handler = _setup_logging(lp, opts.debug)
         try:
-            return _serve(root, mp, **kw)  # type: ignore[arg-type]
+            return _serve(root, mp, opts)
         finally:
             for name in ("coralfs", "fuse"):
                 logging.getLogger(name).removeHandler(handler)
             handler.close()
-    return _daemonize(root, mp, lp, kw, timeout)
+    return _daemonize(root, mp, lp, opts, timeout)
 
 
-def _daemon_args(kw: dict[str, Any]) -> list[str]:
-    args = [f"--attr-timeout={kw['attr_timeout']}", f"--refresh-interval={kw['refresh_interval']}",
-            f"--readahead-kb={kw['readahead_kb'] or 0}", f"--commit-delay={kw.get('commit_delay', COMMIT_DELAY)}"]
-    if kw.get("blksize"):
-        args.append(f"--blksize={kw['blksize']}")
-    if kw.get("prefetch_mb") is not None:
-        args.append(f"--prefetch-mb={kw['prefetch_mb']}")
-    args += [flag for flag, key in (("--direct-io", "direct_io"), ("--allow-other", "allow_other"),
-                                    ("--allow-other-write", "allow_other_write"),
-                                    ("--debug-fuse", "debug"), ("--read-only", "read_only")) if kw.get(key)]
-    return args
-
-
-def _daemonize(root: str, mp: str, lp: str, kw: dict[str, Any], timeout: float) -> int:
+def _daemonize(root: str, mp: str, lp: str, opts: MountOptions, timeout: float) -> int:
     """Start the daemon and wait until the mount is live; returns the daemon's pid.
 
     The daemon is a fresh interpreter (``python -m coralfs.mount.daemon ... --detach``), not a fork
@@ -361,7 +245,7 @@ def _daemonize(root: str, mp: str, lp: str, kw: dict[str, Any], timeout: float) 
     pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(coralfs.__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "coralfs.mount.daemon", root, mp, "--detach", f"--ready-fd={w}", *_daemon_args(kw)]
+    cmd = [sys.executable, "-m", "coralfs.mount.daemon", root, mp, "--detach", f"--ready-fd={w}", *opts.to_argv()]
     try:
         with open(lp, "ab") as logf:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
@@ -396,7 +280,7 @@ def _daemonize(root: str, mp: str, lp: str, kw: dict[str, Any], timeout: float) 
     return daemon_pid
 
 
-def _daemon_main(root: str, mp: str, kw: dict[str, Any], ready_fd: int, detach: bool) -> int:
+def _daemon_main(root: str, mp: str, opts: MountOptions, ready_fd: int, detach: bool) -> int:
     """The daemon side of ``_daemonize``: serve, telling the waiting parent through
     ``ready_fd`` once the mount is live (or why it failed)."""
     if detach:
@@ -409,14 +293,14 @@ def _daemon_main(root: str, mp: str, kw: dict[str, Any], ready_fd: int, detach: 
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 0)
         os.close(null)
-        _setup_logging(log_path(root), bool(kw.get("debug")))
+        _setup_logging(log_path(root), opts.debug)
 
         def on_ready() -> None:
             os.write(ready_fd, f"ok {os.getpid()}\n".encode())
             os.close(ready_fd)
             ready["sent"] = True
 
-        code = _serve(root, mp, on_ready=on_ready, **kw)
+        code = _serve(root, mp, opts, on_ready=on_ready)
     except BaseException as e:  # report to the waiting parent, then exit
         log.exception("mount failed")
         if not ready["sent"]:
@@ -476,60 +360,22 @@ def umount(mountpoint: str | os.PathLike[str], lazy: bool = False) -> None:
 
 
 # ------------------------------------------------------------------ python -m coralfs.mount.daemon
-def add_mount_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("repository", metavar="REPO", help="the repository to mount")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
-    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground until unmounted")
-    p.add_argument("--direct-io", action="store_true",
-                   help="bypass the kernel page cache (one-shot streaming; breaks shared mmap)")
-    p.add_argument("--debug", action="store_true", help="log every FUSE request (implies --foreground)")
-    p.add_argument("--allow-other", action="store_true",
-                   help="let other users read the mount (the kernel checks the modes shown: files belong to "
-                        "the mount's owner, writable by the owner only)")
-    p.add_argument("--allow-other-write", action="store_true",
-                   help="with --allow-other: let other users write too (commits name who wrote)")
-    p.add_argument("--read-only", action="store_true", help="refuse every write (EROFS)")
-    p.add_argument("--commit-delay", type=float, default=COMMIT_DELAY, metavar="SECONDS",
-                   help="commit a branch's written files after this long without writes (default: "
-                        f"{COMMIT_DELAY:g}); fsync of the branch directory commits at once")
-    p.add_argument("--attr-timeout", type=float, default=ATTR_TIMEOUT, help=argparse.SUPPRESS)
-    p.add_argument("--refresh-interval", type=float, default=REFRESH_INTERVAL, help=argparse.SUPPRESS)
-    p.add_argument("--readahead-kb", type=int, default=READAHEAD_KB, help=argparse.SUPPRESS)
-    p.add_argument("--blksize", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--prefetch-mb", type=int, default=None, help=argparse.SUPPRESS)
-
-
-def mount_options(args: argparse.Namespace, debug: bool) -> dict[str, Any]:
-    if args.allow_other_write and not args.allow_other:
-        raise InvalidArgument("--allow-other-write needs --allow-other")
-    return dict(direct_io=args.direct_io, debug=debug, allow_other=args.allow_other,
-                allow_other_write=args.allow_other_write,
-                attr_timeout=args.attr_timeout, refresh_interval=args.refresh_interval,
-                blksize=args.blksize, readahead_kb=args.readahead_kb or None, prefetch_mb=args.prefetch_mb,
-                read_only=args.read_only, commit_delay=args.commit_delay)
-
-
-def mount_from_args(args: argparse.Namespace) -> int:
-    pid = mount(args.repository, args.mountpoint, foreground=args.foreground or args.debug,
-                **mount_options(args, args.debug))
-    if not (args.foreground or args.debug):
-        print(f"mounted {repo_root(args.repository)} on {os.path.abspath(args.mountpoint)} (pid {pid}); "
-              f"log: {log_path(args.repository)}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m coralfs.mount.daemon", description="Mount a coralfs repository.")
     add_mount_arguments(p)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)  # set by _daemonize
     p.add_argument("--detach", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--debug-fuse", action="store_true", help=argparse.SUPPRESS)  # --debug in a daemon
     args = p.parse_args(argv)
     try:
+        opts = MountOptions.from_args(args)
         if args.ready_fd is not None:
-            return _daemon_main(repo_root(args.repository), os.path.abspath(args.mountpoint),
-                                mount_options(args, args.debug or args.debug_fuse), args.ready_fd, args.detach)
-        return mount_from_args(args)
+            return _daemon_main(repo_root(args.repository), os.path.abspath(args.mountpoint), opts, args.ready_fd,
+                                args.detach)
+        pid = mount(args.repository, args.mountpoint, opts, foreground=args.foreground or opts.debug)
+        if not (args.foreground or opts.debug):
+            print(f"mounted {repo_root(args.repository)} on {os.path.abspath(args.mountpoint)} (pid {pid}); "
+                  f"log: {log_path(args.repository)}")
+        return 0
     except CoralError as e:
         print(f"coralfs: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -21,7 +21,12 @@ dispatcher in :mod:`coralfs.mount.daemon` guarantees that.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
+import os
+import sys
 from typing import Any
+
+from coralfs.errors import CoralError
 
 c_ino = ctypes.c_uint64
 c_req = ctypes.c_void_p
@@ -63,6 +68,43 @@ CAP_EXPLICIT_INVAL_DATA = 1 << 25
 BUF_IS_FD = 1 << 1
 
 
+# ------------------------------------------------------------------ loading libfuse 3 (through mfusepy)
+def _find_libfuse3() -> str | None:
+    name = ctypes.util.find_library("fuse3")
+    if name:
+        return name
+    for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu",
+              "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/lib64", "/lib"):
+        p = os.path.join(d, "libfuse3.so.3")
+        if os.path.exists(p):
+            return p
+    return None
+
+
+def load_mfusepy() -> Any:
+    """Import mfusepy bound to libfuse 3 (it would pick libfuse 2 if both are installed)."""
+    if "mfusepy" not in sys.modules and not os.environ.get("FUSE_LIBRARY_PATH"):
+        lib = _find_libfuse3()
+        if lib is None:
+            raise CoralError("libfuse 3 is not installed (apt-get install fuse3)")
+        os.environ["FUSE_LIBRARY_PATH"] = lib
+        try:
+            import mfusepy
+        finally:
+            del os.environ["FUSE_LIBRARY_PATH"]
+    else:
+        try:
+            import mfusepy
+        except OSError as e:
+            raise CoralError(f"cannot load libfuse: {e}") from e
+    if mfusepy.fuse_version_major != 3:
+        raise CoralError(f"mfusepy is bound to libfuse {mfusepy.fuse_version_major}."
+                         f"{mfusepy.fuse_version_minor} ({mfusepy._libfuse_path}); coralfs needs libfuse 3 "
+                         "(unset FUSE_LIBRARY_PATH, or load it through coralfs.mount.fuse_ll before mfusepy)")
+    return mfusepy
+
+
+# ------------------------------------------------------------------ structures and functions
 class FuseBuf(ctypes.Structure):  # struct fuse_buf
     _fields_ = [("size", ctypes.c_size_t), ("flags", ctypes.c_int), ("mem", ctypes.c_void_p), ("fd", ctypes.c_int),
                 ("pos", c_off)]

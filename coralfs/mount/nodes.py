@@ -31,14 +31,13 @@ Inode numbers are never reused (a 64-bit counter), so no generation numbers are 
 
 from __future__ import annotations
 
-import errno
 import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from coralfs.errors import CoralError, PathNotFound
+from coralfs.errors import CoralError, PathNotFound, StaleNode, UnknownNode
 from coralfs.mount.view import COMMITS, TAGS, Attr, MountView, Resolved
 from coralfs.mount.writer import Staged
 from coralfs.store import refs
@@ -47,20 +46,6 @@ ROOT_INO = 1
 #: an ``open`` right after the lookup that returned the node is not refused as stale: the
 #: kernel's revalidating retry and a racing commit must not bounce forever
 LOOKUP_GRACE = 0.05
-
-
-class StaleNode(CoralError):
-    """stale file handle: the path shows another version now (the kernel looks it up again)"""
-
-    exit_code = 1
-    errno = errno.ESTALE
-
-
-class UnknownNode(CoralError):
-    """no such inode"""
-
-    exit_code = 1
-    errno = errno.ENOENT
 
 
 @dataclass(eq=False)

@@ -1,0 +1,55 @@
+"""Where things are: a repository's root and mount log, and the kernel's mount table."""
+
+from __future__ import annotations
+
+import os
+
+from coralfs.errors import NotARepository
+
+CORAL_DIR = ".coralfs"
+LOG_NAME = "mount.log"
+
+
+def repo_root(path: str | os.PathLike[str]) -> str:
+    """The repository directory for ``path`` (which may name its .coralfs); nothing is opened."""
+    p = os.path.abspath(os.fspath(path))
+    if os.path.basename(p) == CORAL_DIR:
+        p = os.path.dirname(p)
+    if not os.path.isfile(os.path.join(p, CORAL_DIR, "store", "data.mdb")):
+        raise NotARepository(f"not a coralfs repository: {p}")
+    return p
+
+
+def log_path(repo: str | os.PathLike[str]) -> str:
+    return os.path.join(repo_root(repo), CORAL_DIR, LOG_NAME)
+
+
+def _unescape_mount_field(s: str) -> str:
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 3 < len(s) and s[i + 1:i + 4].isdigit():
+            out.append(chr(int(s[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+def mounts() -> dict[str, str]:
+    """Mount point -> filesystem type, from /proc/self/mountinfo (stale FUSE mounts included)."""
+    out: dict[str, str] = {}
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                pre, _, post = line.partition(" - ")
+                fields = pre.split()
+                if len(fields) >= 5:
+                    out[_unescape_mount_field(fields[4])] = post.split()[0] if post else ""
+    except OSError:
+        pass
+    return out
+
+
+def is_mounted(mountpoint: str | os.PathLike[str]) -> bool:
+    return os.path.abspath(os.fspath(mountpoint)) in mounts()

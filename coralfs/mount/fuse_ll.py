@@ -5,7 +5,7 @@ Why not mfusepy's ``FUSE``/``Operations``: that is libfuse's *high-level* API, w
 files by path and lets libfuse keep one kernel inode per path. Every version of a branch
 file then shares one inode, so one page cache and one ``i_size``: a reader that opened
 version 0 read version 0's bytes cut at version 1's size once a commit moved the branch
-(issue: "never wrong bytes"). The low-level API lets the filesystem choose the inode of
+(a read must never return wrong bytes). The low-level API lets the filesystem choose the inode of
 every lookup, so each version of a file gets its own inode (see :mod:`coralfs.mount.nodes`).
 mfusepy has no low-level binding; it still loads libfuse for us (the same library search,
 ``FUSE_LIBRARY_PATH``, the libfuse 3 preference of :func:`coralfs.fuse.load_mfusepy`) and

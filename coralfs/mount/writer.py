@@ -4,41 +4,39 @@ What happens to a file written into ``MOUNT/BRANCH/...``
 --------------------------------------------------------
 1. **Staging.** Its bytes go to a file on local disk inside the repository,
    ``REPO/.coralfs/staging/mount-<pid>-<ms>/<n>.data`` (never held whole in memory), with a
-   small ``<n>.json`` beside it naming the branch and path. Opening an existing file for
-   writing without ``O_TRUNC`` copies its current content into the staged file (streamed,
-   and only once something is written or truncated); reads of a file being written are
-   served from the staged file.
-2. **Ingest at close.** ``close()`` (FUSE ``flush``) or ``fsync`` of a written file stores
-   it with ``Repository.ingest_file`` -- the code path of ``coralfs add`` -- with the
-   branch's previous version of that path as the delta base, and records a **pending
-   entry** in LMDB: ``index`` key ``b"pend\\0" + branch + b"\\0" + path``, JSON ``{"m":
-   manifest hex, "size", "mode", "base": head it was based on, "time"}``; a deletion is a
-   tombstone ``{"del": true, "base", "time"}``. Ingest and record happen inside
-   ``repo.writing()`` (gc cannot sweep the new chunks in between). When ``close``/``fsync``
-   returns 0 the file is durable; an ingest failure is that call's error (EIO, ENOSPC),
-   the staged data is kept (a later close, ``fsync`` of the directory or the next mount
-   retries it) and the mount stays writable. The staged file is removed once the last
-   handle is released.
-3. **One commit per burst.** A branch with pending entries is committed after
+   small ``<n>.json`` beside it naming the branch and path (:mod:`coralfs.mount.sessions`).
+   Opening an existing file for writing without ``O_TRUNC`` copies its current content into
+   the staged file (streamed, and only once something is written or truncated); reads of
+   a file being written are served from the staged file.
+2. **Stored at close.** ``close()`` (FUSE ``flush``) or ``fsync`` of a written file stores it
+   with the code path of ``coralfs add`` (the branch's previous version of that path as the
+   delta base) and records a durable **pending entry** (:mod:`coralfs.mount.pending`), both
+   inside ``repo.writing()`` (gc cannot sweep the new chunks in between). When
+   ``close``/``fsync`` returns 0 the file is durable; a failure to store it is that call's
+   error (EIO, ENOSPC) and the mount stays writable.
+3. **Only what was acknowledged is committed.** A write or truncate that failed marks the
+   file: its close and fsync return that error and store nothing (until it is truncated to
+   nothing). A failed store is never retried behind the writer's back. When the last
+   handle goes, content that nothing stored is discarded (logged; its space given back at
+   once) and the path shows what was last stored there. Content written after the last
+   close (through a shared mapping) is stored when the last handle goes.
+4. **One commit per burst.** A branch with pending entries is committed after
    ``commit_delay`` seconds (1.5 s) without writes and without open-for-write handles on
-   that branch (a handle kept open for longer than ``max_hold`` seconds no longer holds
-   the commit back), so a multi-file save (``save_pretrained``, ``cp -r``) becomes one
-   commit. ``fsync`` of the branch directory commits at once, and so does
-   ``coralfs flush-mount``. The message says what changed: ``mount: update model.pt, add
+   that branch (a handle kept open longer than ``max_hold`` seconds no longer holds the
+   rest back), so a multi-file save (``save_pretrained``, ``cp -r``) becomes one commit.
+   ``fsync`` of the branch directory commits at once, and so does ``coralfs flush-mount``.
+   A file still open for writing is never committed: it stays pending until its last
+   writer closes. The message says what changed: ``mount: update model.pt, add
    config.json, remove old.pt``.
-4. **Concurrency.** The head moves by compare-and-swap. If someone else committed to
-   the branch since a pending entry's base, the mount's changes are applied on top when
-   none of the pending paths changed between their base and the new head; otherwise the
-   whole burst is refused (an error in ``mount.log``; ``fsync`` of the directory returns
-   EAGAIN) and its entries are moved, intact, to ``b"pend-conflict\\0" + branch + b"\\0" +
-   id + b"\\0" + path`` (gc keeps them; ``coralfs flush-mount --conflicts`` lists them and
-   ``--recover ID --to-branch NAME`` commits them on a new branch).
-5. **Crash safety.** Pending entries are durable, so a crash before the commit loses
+5. **Concurrency.** The head moves by compare-and-swap; paths another commit changed
+   meanwhile are set aside as a conflict and the rest is committed
+   (:func:`coralfs.mount.pending.commit_pending`). One writable mount per repository
+   (``.coralfs/mount.lock``).
+6. **Crash safety.** Pending entries are durable, so a crash before the commit loses
    nothing: the next mount commits them at start-up (so does ``coralfs flush-mount`` when
-   no mount is running). Staged data of a dead mount session (its lock file is free) is
-   removed at the next start and logged (``discarded incomplete write of BRANCH/PATH (N
-   bytes)``); a file whose close had returned an error is ingested instead. Chunks written
-   by an ingest that was cut short are unreferenced garbage for gc.
+   no mount is running). Staged data of a dead session is discarded and logged
+   (``discarded incomplete write of BRANCH/PATH (N bytes)``). Chunks written by an ingest
+   that was cut short are unreferenced garbage for gc.
 
 Directories exist in trees only as prefixes of file paths: an empty directory (``mkdir``,
 or one whose files were all removed) lives only in this mount session.

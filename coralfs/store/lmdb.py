@@ -138,7 +138,7 @@ class Txn:
     manifests) are read in read transactions with one ``pread`` of exactly their bytes,
     not through LMDB's memory map. Through the map, py-lmdb touches every page of a value
     inside ``get``, and the kernel answers each first touch of a page with read-around
-    (``read_ahead_kb``: 8 MiB on this project's VM), so a cold read pulled 2.3-4.9x the
+    (``read_ahead_kb``: 8 MiB on the 2-core VM the benchmarks ran on), so a cold read pulled 2.3-4.9x the
     record bytes it needed from disk (bench/RESULTS.md). The map is opened MADV_RANDOM
     (B-tree pages come in 4 KiB at a time) and a value's place is read from its leaf node;
     its overflow-page header is checked before the bytes are trusted, and anything
@@ -522,7 +522,7 @@ class Store:
         memory through the map, within ``budget`` bytes; returns the bytes of B-tree pages
         brought in. A long-lived reader (the mount daemon) calls this once at start: every
         later lookup then finds its pages in memory instead of waiting on a 4 KiB read (a
-        cold chunk lookup costs one or two of them, ~1 ms each on this project's VM). The
+        cold chunk lookup costs one or two of them, ~1 ms each on the benchmarks' VM disk). The
         pages stay mapped, so the kernel keeps them while they are in use. The tree is
         walked level by level from its root (LMDB 0.9's page layout, checked page by page),
         each level's pages all asked for at once (``MADV_WILLNEED``), so the disk has them

@@ -143,6 +143,10 @@ class NotACheckpoint(CoralError):
     errno = errno.EINVAL
 
 
+class CheckpointLoadError(NotACheckpoint):
+    """checkpoint cannot be loaded with torch's weights-only loader"""
+
+
 class NoSpace(CoralError):
     """no space left on device"""
 

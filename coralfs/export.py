@@ -44,17 +44,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from coralfs.errors import CoralError, InvalidArgument, NoSpace, NotACheckpoint, NothingToCommit, PathNotFound
+from coralfs.errors import (
+    CheckpointLoadError,
+    CoralError,
+    InvalidArgument,
+    NoSpace,
+    NotACheckpoint,
+    NothingToCommit,
+    PathNotFound,
+)
 from coralfs.repository import Repository
 from coralfs.store.objects import TreeEntry, check_path
 from coralfs.worktree import advance_branch, check_untracked, require_clean
 from coralfs.worktree_fs import WorkTree
 
 FORMATS = ("safetensors", "pt")
-
-
-class CheckpointLoadError(NotACheckpoint):
-    """checkpoint cannot be loaded with torch's weights-only loader"""
 
 
 def load_weights_only(data: bytes | io.RawIOBase | Any, name: str) -> Any:

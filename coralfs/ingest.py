@@ -482,8 +482,7 @@ class Ingestor:
                 cid, fut = pending.popleft()
                 rec, prev = fut.result()
                 h = records.parse_header(rec)
-                cname = records.CODEC_NAMES[h.codec]
-                stats.by_codec[cname] = stats.by_codec.get(cname, 0) + len(rec)
+                stats.by_codec[h.codec_name] = stats.by_codec.get(h.codec_name, 0) + len(rec)
                 stats.delta_chunks += 1 if h.bases else 0
                 stats.stored += len(rec)
                 batch.append((cid, rec))

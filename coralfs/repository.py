@@ -704,7 +704,7 @@ class Repository:
             n_chunks = 0
             for _, size, head in t.scan("chunks", records.HEADER_LEN + 2 * 32):  # headers only
                 h = records.parse_header(head)
-                d = by_codec.setdefault(records.CODEC_NAMES[h.codec], {"chunks": 0, "raw": 0, "stored": 0})
+                d = by_codec.setdefault(h.codec_name, {"chunks": 0, "raw": 0, "stored": 0})
                 d["chunks"] += 1
                 d["raw"] += h.raw_len
                 d["stored"] += size

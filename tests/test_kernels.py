@@ -48,10 +48,10 @@ def test_decode_matches_numpy_reference(monkeypatch: pytest.MonkeyPatch, w: int,
     for flags in (0, tensorcodec.ROT):
         ch = tensorcodec._Chunk(v2, w, v1 if codec != tensorcodec.PLANES else None,
                                 v0 if codec == tensorcodec.LIN2 else None)
-        payload = tensorcodec._encode_planes(codec, flags, ch, 3)
+        payload = tensorcodec.CODECS[codec].encode(ch, 3, flags)
         with monkeypatch.context() as m:  # the compiled plane split writes the same payload
             m.setattr(kernels, "get", lambda: None)
-            assert tensorcodec._encode_planes(codec, flags, ch, 3) == payload
+            assert tensorcodec.CODECS[codec].encode(ch, 3, flags) == payload
         b1 = v1 if codec != tensorcodec.PLANES else None
         b2 = v0 if codec == tensorcodec.LIN2 else None
         fast, slow = _decode_both(monkeypatch, codec, payload, len(v2), w, b1, b2)
@@ -62,7 +62,7 @@ def test_decode_handles_writable_and_readonly_buffers(monkeypatch: pytest.Monkey
     rng = np.random.default_rng(7)
     v0, v1, v2 = _series(rng, 4, 3000, tail=0)
     ch = tensorcodec._Chunk(v2, 4, v1, None)
-    payload = tensorcodec._encode_planes(tensorcodec.SUB, tensorcodec.ROT, ch, 3)
+    payload = tensorcodec.CODECS[tensorcodec.SUB].encode(ch, 3, tensorcodec.ROT)
     for base in (v1, bytearray(v1), memoryview(v1), np.frombuffer(bytearray(v1), np.uint8)):
         out = tensorcodec.decode(tensorcodec.SUB, bytearray(payload), len(v2), 4, base)
         assert out == v2

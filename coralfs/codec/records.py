@@ -4,7 +4,7 @@ Layout (little endian)::
 
     magic  b"CRF"   3 bytes
     version         u8   (1)
-    codec           u8   (0 raw, 1 zstd, >=2 see coralfs.codec.tensor)
+    codec           u8   a codec id of the registry ``coralfs.codec.tensor.CODECS`` (0 raw, 1 zstd, ...)
     width           u8   element width in bytes (1 for non-tensor data)
     nbases          u8   number of base chunk ids that follow the header
     gen             u8   chain policy: a tensor piece's generation (capped at 255; see coralfs.ingest)
@@ -20,7 +20,6 @@ The chunk id is the BLAKE3 of the decoded bytes, so a record can be re-encoded
 from __future__ import annotations
 
 import struct
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,26 +36,8 @@ _HEADER = struct.Struct("<3sBBBBBHQ")
 HEADER_LEN = _HEADER.size
 PEEK_LEN = HEADER_LEN + 2 * ID_LEN  # enough of a record to parse its header (at most two bases)
 
-RAW = 0
-ZSTD = 1
-
-CODEC_NAMES: dict[int, str] = dict(tensorcodec.CODEC_NAMES)  # the ids a record header may name
-
-_local = threading.local()
-
-
-def _zc() -> zstandard.ZstdCompressor:
-    c = getattr(_local, "zc", None)
-    if c is None:
-        c = _local.zc = zstandard.ZstdCompressor(level=3)
-    return c
-
-
-def _zd() -> zstandard.ZstdDecompressor:
-    d = getattr(_local, "zd", None)
-    if d is None:
-        d = _local.zd = zstandard.ZstdDecompressor()
-    return d
+RAW = tensorcodec.RAW
+ZSTD = tensorcodec.ZSTD
 
 
 @dataclass(frozen=True)
@@ -69,6 +50,11 @@ class RecordHeader:
     payload_offset: int
     gen: int = 0
 
+    @property
+    def codec_name(self) -> str:
+        """The codec's name (stats, the CLI)."""
+        return tensorcodec.CODECS[self.codec].name
+
 
 def parse_header(value: bytes | memoryview) -> RecordHeader:
     if len(value) < HEADER_LEN:
@@ -78,7 +64,7 @@ def parse_header(value: bytes | memoryview) -> RecordHeader:
         raise FormatError("chunk record has a bad magic")
     if version != VERSION:
         raise FormatError(f"chunk record version {version} is not supported")
-    if codec not in CODEC_NAMES:
+    if codec not in tensorcodec.CODECS:
         raise FormatError(f"unknown codec id {codec}")
     end = HEADER_LEN + nbases * ID_LEN
     if len(value) < end:
@@ -95,7 +81,7 @@ def pack(codec: int, width: int, raw_len: int, payload: bytes | memoryview,
 
 def encode_bytes(raw: bytes | memoryview) -> bytes:
     """Record for non-tensor bytes: zstd, or raw when compression does not pay."""
-    comp = _zc().compress(raw)
+    comp = tensorcodec.zstd_compressor(3).compress(raw)
     if len(comp) < len(raw) * 0.97:
         return pack(ZSTD, 1, len(raw), comp)
     return pack(RAW, 1, len(raw), raw)
@@ -108,7 +94,7 @@ def encode_tensor(raw: bytes | memoryview, width: int, base: tuple[bytes, Any] |
     codec, payload = tensorcodec.encode(raw, width, base[1] if base else None, base2[1] if base2 else None)
     if codec == RAW:
         return pack(RAW, width, len(raw), raw, gen=gen)
-    used = tensorcodec.uses_bases(codec)
+    used = tensorcodec.CODECS[codec].nbases
     bases: tuple[bytes, ...] = ()
     if used >= 1 and base is not None:
         bases = (base[0],) if used == 1 or base2 is None else (base[0], base2[0])
@@ -121,22 +107,13 @@ def decode(value: bytes | memoryview, load_base: Callable[[bytes], Any], as_arra
     uint8 array). Returns ``bytes``, or with ``as_array`` possibly a uint8 numpy array (for
     a result that is only another chunk's base: saves a copy)."""
     h = parse_header(value)
+    codec = tensorcodec.CODECS[h.codec]
     payload = memoryview(value)[h.payload_offset :]
-    if h.codec == RAW:
-        out = bytes(payload)
-    elif h.codec == ZSTD:
-        try:
-            out = _zd().decompress(payload, max_output_size=h.raw_len)
-        except zstandard.ZstdError as e:
-            raise FormatError(f"zstd: {e}") from e
-    else:
-        bases = [load_base(b) for b in h.bases]
-        try:
-            out = tensorcodec.decode(h.codec, payload, h.raw_len, h.width,  # type: ignore[arg-type]
-                                     bases[0] if bases else None, bases[1] if len(bases) > 1 else None,
-                                     as_array=as_array)
-        except (ValueError, zstandard.ZstdError) as e:
-            raise FormatError(f"{CODEC_NAMES[h.codec]}: {e}") from e
+    bases = [load_base(b) for b in h.bases[: codec.nbases]]
+    try:
+        out = codec.decode(payload, h.raw_len, h.width, *bases, as_array=as_array)
+    except (ValueError, zstandard.ZstdError) as e:
+        raise FormatError(f"{codec.name}: {e}") from e
     if len(out) != h.raw_len:
         raise FormatError("decoded chunk has the wrong length")
     return out

@@ -1,11 +1,15 @@
-"""Lossless transforms for tensor chunks: byte planes, XOR/integer deltas, two-base prediction.
+"""The codecs of chunk records (one registry) and the lossless transforms for tensor chunks:
+byte planes, XOR/integer deltas, two-base prediction.
 
 Pure transform layer (numpy + zstandard, no I/O). A chunk is the raw bytes of a piece of one
 tensor; ``width`` is its element width. Everything works on the *unsigned integer view* of the
 elements, so reconstruction is bit-exact for any bit pattern (NaN payloads, -0.0, denormals, ...):
 no float arithmetic is ever done.
 
-Codecs (one byte each; 0 and 1 belong to the store):
+Codecs (one byte each, the id a record header names; ids never change). Each is one class
+below with its id, its name (stats and the CLI show it), how many bases it needs, its
+transforms and its compiled loop; ``CODECS`` is the one table of them, ``by_id`` the one
+dispatch. 0 and 1 also serve non-tensor bytes (``coralfs.codec.records``):
 
 * ``RAW`` (0)    payload is the data itself (``encode`` returns ``(0, b"")``).
 * ``ZSTD`` (1)   payload is one plain zstd frame of the whole chunk.
@@ -57,11 +61,6 @@ FORMAT = 1
 ROT = 0x01  # plain (non-delta) elements are rotated left by one bit before the plane split
 _KNOWN_FLAGS = ROT
 
-_KERNEL_OP = {PLANES: kernels.OP_NONE, XOR: kernels.OP_XOR, SUB: kernels.OP_SUB, LIN2: kernels.OP_LIN2}
-_NBASES = {RAW: 0, ZSTD: 0, PLANES: 0, XOR: 1, SUB: 1, LIN2: 2}
-# every codec id this module decodes, with the name stats and CLI show
-CODEC_NAMES = {RAW: "raw", ZSTD: "zstd", PLANES: "planes", XOR: "xor-delta", SUB: "sub-delta", LIN2: "lin2"}
-
 # Explicit little-endian, so payloads (integer deltas, rotations) mean the same on any host.
 _UINT = {w: np.dtype(f"<u{w}") for w in (1, 2, 4, 8)}
 _SINT = {w: np.dtype(f"<i{w}") for w in (1, 2, 4, 8)}
@@ -75,15 +74,9 @@ _RAW_PLANE = 0.985  # a plane whose sampled zstd ratio is above this is stored r
 _BASE_PENALTY = 0.01  # each base a codec needs costs 1% of its estimate (favours short chains)
 
 
-def uses_bases(codec_id: int) -> int:
-    """0, 1 or 2: how many bases ``decode`` needs for ``codec_id``."""
-    try:
-        return _NBASES[codec_id]
-    except KeyError:
-        raise FormatError(f"unknown tensor codec {codec_id}") from None
-
-
 # --------------------------------------------------------------------------- zstd contexts
+# One cache of zstd contexts per thread, for every zstd frame coralfs writes or reads (chunk
+# records, their planes, objects): a context is costly to create and not thread-safe.
 
 _tls = threading.local()
 
@@ -97,14 +90,15 @@ def _plane_params(level: int) -> zstandard.ZstdCompressionParameters:
     return zstandard.ZstdCompressionParameters.from_level(level, min_match=7)
 
 
-def _cctx(kind: str, level: int) -> zstandard.ZstdCompressor:
+def zstd_compressor(level: int = 3, planes: bool = False) -> zstandard.ZstdCompressor:
+    """This thread's compressor at ``level``; ``planes``: the parameters tuned for byte planes."""
     cache = getattr(_tls, "cctx", None)
     if cache is None:
         cache = _tls.cctx = {}
-    key = (kind, level)
+    key = (planes, level)
     c = cache.get(key)
     if c is None:
-        if kind == "plane":
+        if planes:
             c = zstandard.ZstdCompressor(compression_params=_plane_params(level))
         else:
             c = zstandard.ZstdCompressor(level=level)
@@ -112,7 +106,8 @@ def _cctx(kind: str, level: int) -> zstandard.ZstdCompressor:
     return c
 
 
-def _dctx() -> zstandard.ZstdDecompressor:
+def zstd_decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor."""
     d = getattr(_tls, "dctx", None)
     if d is None:
         d = _tls.dctx = zstandard.ZstdDecompressor()
@@ -174,7 +169,7 @@ def _get_varint(buf: memoryview, pos: int) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- bit transforms
-# All operate on unsigned arrays; the in-place ones return their argument.
+# All operate on unsigned arrays; the in-place ones (trailing ``_``) return their argument.
 
 
 def _zigzag_(x: np.ndarray) -> np.ndarray:
@@ -200,11 +195,12 @@ def _rotl1(x: np.ndarray) -> np.ndarray:
     return r
 
 
-def _rotr1(x: np.ndarray) -> np.ndarray:
-    bits = x.dtype.itemsize * 8
-    r = x << (bits - 1)
-    r |= x >> 1
-    return r
+def _rotr1_(x: np.ndarray) -> np.ndarray:
+    """Rotate right by one bit, in place (one temporary)."""
+    low = x << (x.dtype.itemsize * 8 - 1)
+    x >>= 1
+    x |= low
+    return x
 
 
 def _lin2_pred(b1: np.ndarray, b2: np.ndarray) -> np.ndarray:
@@ -215,48 +211,6 @@ def _lin2_pred(b1: np.ndarray, b2: np.ndarray) -> np.ndarray:
     if c2 < len(b1):
         pred[c2:] = b1[c2:]
     return pred
-
-
-def _forward(codec: int, flags: int, u: np.ndarray, b1, b2) -> np.ndarray:
-    """Residual elements for ``codec`` (same length and dtype as ``u``)."""
-    if codec == PLANES:
-        return _rotl1(u) if flags & ROT else u
-    c1 = len(b1)
-    r = np.empty_like(u)
-    if codec == XOR:
-        np.bitwise_xor(u[:c1], b1, out=r[:c1])
-    elif codec == SUB:
-        np.subtract(u[:c1], b1, out=r[:c1])
-        _zigzag_(r[:c1])
-    elif codec == LIN2:
-        np.subtract(u[:c1], _lin2_pred(b1, b2), out=r[:c1])
-        _zigzag_(r[:c1])
-    else:  # pragma: no cover - guarded by callers
-        raise ValueError(f"codec {codec} is not a plane codec")
-    if c1 < len(u):
-        r[c1:] = _rotl1(u[c1:]) if flags & ROT else u[c1:]
-    return r
-
-
-def _inverse_(codec: int, flags: int, x: np.ndarray, b1, b2) -> None:
-    """Undo ``_forward`` in place on ``x``."""
-    c1 = 0 if codec == PLANES else len(b1)
-    if c1 < len(x) and flags & ROT:  # rotate right by one, in place (one temporary)
-        rest = x[c1:]
-        low = rest << (rest.dtype.itemsize * 8 - 1)
-        rest >>= 1
-        rest |= low
-    if codec == PLANES or c1 == 0:
-        return
-    head = x[:c1]
-    if codec == XOR:
-        head ^= b1
-    elif codec == SUB:
-        _unzigzag_(head)
-        head += b1
-    else:  # LIN2
-        _unzigzag_(head)
-        head += _lin2_pred(b1, b2)
 
 
 # --------------------------------------------------------------------------- planes
@@ -291,9 +245,6 @@ def _plane_cost(planes: np.ndarray, cctx: zstandard.ZstdCompressor) -> tuple[int
     return total, use
 
 
-# --------------------------------------------------------------------------- encode
-
-
 class _Chunk:
     """A chunk viewed as elements (+ tail) with its bases cut to the common prefix."""
 
@@ -315,34 +266,288 @@ class _Chunk:
                 self.b2 = b[: min(c1, len(b) // w) * w].view(dt)
 
 
-def _header(codec: int, flags: int, ch: _Chunk) -> bytearray:
-    h = bytearray((FORMAT, flags))
-    if _NBASES[codec] >= 1:
-        _put_varint(h, len(ch.b1))
-    if codec == LIN2:
-        _put_varint(h, len(ch.b2))
-    return h
+# --------------------------------------------------------------------------- the codecs
 
 
-def _encode_planes(codec: int, flags: int, ch: _Chunk, level: int, use=None) -> bytes:
-    """Full payload for a plane codec. ``use``: per-plane zstd decision (None = try zstd on all)."""
-    r = _forward(codec, flags, ch.u, ch.b1, ch.b2)
-    planes = _split_planes(r, ch.w)
-    cctx = _cctx("plane", level)
-    head = _header(codec, flags, ch)
-    parts: list = [head]
-    for k, p in enumerate(planes):
-        data = p.data
-        mode = _MODE_RAW
-        if p.nbytes and (use is None or use[k]):
-            z = cctx.compress(data)
-            if len(z) < p.nbytes:
-                data, mode = z, _MODE_ZSTD
-        head.append(mode)
-        _put_varint(head, len(data))
-        parts.append(data)
-    parts.append(ch.tail.data)
-    return b"".join(parts)
+class Codec:
+    """A codec: ``id`` (the byte a record header names), ``name`` (what stats and the CLI
+    show), ``nbases`` (how many decoded base chunks its decode needs), and how it encodes a
+    chunk and decodes a payload."""
+
+    id: int
+    name: str
+    nbases: int = 0
+
+    def encode(self, ch: _Chunk, level: int = 3, flags: int = 0, use: list[bool] | None = None) -> bytes:
+        """The payload of ``ch`` (no fallback to raw). ``flags``, ``use``: plane codecs only."""
+        raise NotImplementedError
+
+    def decode(self, payload, raw_len: int, width: int, base=None, base2=None,
+               as_array: bool = False) -> bytes | np.ndarray:
+        """The chunk's bytes (see the module function ``decode``)."""
+        raise NotImplementedError
+
+
+class Raw(Codec):
+    """The data itself (``encode`` of the chooser returns ``(RAW, b"")``: the caller stores the bytes)."""
+
+    id, name = RAW, "raw"
+
+    def encode(self, ch: _Chunk, level: int = 3, flags: int = 0, use: list[bool] | None = None) -> bytes:
+        return ch.raw8.tobytes()
+
+    def decode(self, payload, raw_len: int, width: int, base=None, base2=None,
+               as_array: bool = False) -> bytes | np.ndarray:
+        if len(payload) != raw_len:
+            raise FormatError("raw chunk has the wrong length")
+        return bytes(payload)
+
+
+class Zstd(Codec):
+    """One plain zstd frame of the whole chunk."""
+
+    id, name = ZSTD, "zstd"
+
+    def encode(self, ch: _Chunk, level: int = 3, flags: int = 0, use: list[bool] | None = None) -> bytes:
+        return zstd_compressor(level).compress(ch.raw8.data)
+
+    def decode(self, payload, raw_len: int, width: int, base=None, base2=None,
+               as_array: bool = False) -> bytes | np.ndarray:
+        try:
+            out = zstd_decompressor().decompress(payload, max_output_size=raw_len)
+        except zstandard.ZstdError as e:
+            raise FormatError(f"corrupt zstd chunk: {e}") from None
+        if len(out) != raw_len:
+            raise FormatError("zstd chunk has the wrong length")
+        return out
+
+
+class PlaneCodec(Codec):
+    """Byte planes of a residual (payload format 1, see the module docstring). A subclass
+    says what the residual is: ``forward`` (elements -> residual) and ``inverse_`` (undo it
+    in place), and ``kernel_op``, the compiled loop's code for that inverse."""
+
+    kernel_op: int
+
+    def forward(self, flags: int, u: np.ndarray, b1, b2) -> np.ndarray:
+        """Residual elements (same length and dtype as ``u``)."""
+        raise NotImplementedError
+
+    def inverse_(self, flags: int, x: np.ndarray, b1, b2) -> None:
+        """Undo ``forward`` in place on ``x``."""
+        raise NotImplementedError
+
+    def _compiled_inverse(self, k, planes: list[np.ndarray], x: np.ndarray, flags: int, b1, b2, w: int) -> None:
+        """Interleave ``planes`` into ``x`` and undo the residual, with the compiled loops ``k``."""
+        k.unshuffle[w](*planes, x)
+        k.inverse(x, self.kernel_op, bool(flags & ROT), kernels.base(b1, w), kernels.base(b2, w))
+
+    def encode(self, ch: _Chunk, level: int = 3, flags: int = 0, use: list[bool] | None = None) -> bytes:
+        """``use``: per-plane zstd decision (None = try zstd on all)."""
+        r = self.forward(flags, ch.u, ch.b1, ch.b2)
+        planes = _split_planes(r, ch.w)
+        cctx = zstd_compressor(level, planes=True)
+        head = bytearray((FORMAT, flags))
+        if self.nbases >= 1:
+            _put_varint(head, len(ch.b1))
+        if self.nbases >= 2:
+            _put_varint(head, len(ch.b2))
+        parts: list = [head]
+        for k, p in enumerate(planes):
+            data = p.data
+            mode = _MODE_RAW
+            if p.nbytes and (use is None or use[k]):
+                z = cctx.compress(data)
+                if len(z) < p.nbytes:
+                    data, mode = z, _MODE_ZSTD
+            head.append(mode)
+            _put_varint(head, len(data))
+            parts.append(data)
+        parts.append(ch.tail.data)
+        return b"".join(parts)
+
+    def decode(self, payload, raw_len: int, width: int, base=None, base2=None,
+               as_array: bool = False) -> bytes | np.ndarray:
+        need = self.nbases
+        if need >= 1 and base is None or need >= 2 and base2 is None:
+            raise ValueError(f"codec {self.id} needs {need} base(s)")
+
+        w = _norm_width(width)
+        n = raw_len // w
+        dt = _UINT[w]
+        buf = memoryview(payload)
+        if buf.format != "B" or buf.ndim != 1:
+            buf = buf.cast("B")
+        if len(buf) < 2 or buf[0] != FORMAT:
+            raise FormatError(f"unsupported tensor payload format {buf[0] if len(buf) else None}")
+        flags = buf[1]
+        if flags & ~_KNOWN_FLAGS:
+            raise FormatError(f"unknown tensor payload flags {flags:#x}")
+        pos = 2
+        b1 = b2 = None
+        if need >= 1:
+            c1, pos = _get_varint(buf, pos)
+            b = _bytes_view(base)
+            if c1 > n or len(b) < c1 * w:
+                raise FormatError("tensor delta longer than its chunk or base")
+            b1 = b[: c1 * w].view(dt)
+        if need >= 2:
+            c2, pos = _get_varint(buf, pos)
+            b = _bytes_view(base2)
+            if c2 > len(b1) or len(b) < c2 * w:
+                raise FormatError("tensor delta longer than its second base")
+            b2 = b[: c2 * w].view(dt)
+        dirs = []
+        for _ in range(w):
+            if pos >= len(buf):
+                raise FormatError("truncated tensor payload")
+            mode = buf[pos]
+            size, pos = _get_varint(buf, pos + 1)
+            dirs.append((mode, size))
+        tail_len = raw_len - n * w
+        if pos + sum(s for _, s in dirs) + tail_len != len(buf):
+            raise FormatError("tensor payload has the wrong length")
+
+        out_bytes, out = (None, np.empty(raw_len, dtype=np.uint8)) if as_array else _new_bytes(raw_len)
+        fill_bytes = not as_array
+        dctx = zstd_decompressor()
+        planes = []
+        for mode, size in dirs:
+            data = buf[pos : pos + size]
+            pos += size
+            if mode == _MODE_ZSTD:
+                try:
+                    data = dctx.decompress(data, max_output_size=n)
+                except zstandard.ZstdError as e:
+                    raise FormatError(f"corrupt tensor plane: {e}") from None
+            elif mode != _MODE_RAW:
+                raise FormatError(f"unknown plane mode {mode}")
+            if len(data) != n:
+                raise FormatError("tensor plane has the wrong length")
+            plane = np.frombuffer(data, dtype=np.uint8)
+            plane.flags.writeable = False  # one compiled signature for raw and zstd planes
+            planes.append(plane)
+        if tail_len:
+            out[n * w :] = np.frombuffer(buf[pos:], dtype=np.uint8)
+        x = out[: n * w].view(dt)
+        k = kernels.get()
+        if k is not None and w > 1 and n:
+            self._compiled_inverse(k, planes, x, flags, b1, b2, w)
+        else:
+            body = out[: n * w].reshape(n, w)
+            for i, plane in enumerate(planes):
+                body[:, i] = plane
+            self.inverse_(flags, x, b1, b2)
+        if not fill_bytes:
+            return out
+        return out_bytes if out_bytes is not None else out.tobytes()
+
+
+class Planes(PlaneCodec):
+    """The elements themselves (rotated left by one bit with ``ROT``)."""
+
+    id, name, kernel_op = PLANES, "planes", kernels.OP_NONE
+
+    def forward(self, flags: int, u: np.ndarray, b1, b2) -> np.ndarray:
+        return _rotl1(u) if flags & ROT else u
+
+    def inverse_(self, flags: int, x: np.ndarray, b1, b2) -> None:
+        if len(x) and flags & ROT:
+            _rotr1_(x)
+
+    def _compiled_inverse(self, k, planes: list[np.ndarray], x: np.ndarray, flags: int, b1, b2, w: int) -> None:
+        (k.unshuffle_rot if flags & ROT else k.unshuffle)[w](*planes, x)  # a keyframe: one pass
+
+
+class _Delta(PlaneCodec):
+    """A residual against the base(s) over the elements they cover (``len(b1)``); the rest of
+    the chunk's elements as ``Planes`` has them."""
+
+    nbases = 1
+
+    def residual(self, u: np.ndarray, b1: np.ndarray, b2, out: np.ndarray) -> None:
+        """``out`` = the residual of ``u`` (as long as ``b1``)."""
+        raise NotImplementedError
+
+    def restore_(self, x: np.ndarray, b1: np.ndarray, b2) -> None:
+        """Undo ``residual`` in place on ``x`` (as long as ``b1``)."""
+        raise NotImplementedError
+
+    def forward(self, flags: int, u: np.ndarray, b1, b2) -> np.ndarray:
+        c1 = len(b1)
+        r = np.empty_like(u)
+        self.residual(u[:c1], b1, b2, r[:c1])
+        if c1 < len(u):
+            r[c1:] = _rotl1(u[c1:]) if flags & ROT else u[c1:]
+        return r
+
+    def inverse_(self, flags: int, x: np.ndarray, b1, b2) -> None:
+        c1 = len(b1)
+        if c1 < len(x) and flags & ROT:
+            _rotr1_(x[c1:])
+        if c1:
+            self.restore_(x[:c1], b1, b2)
+
+
+class XorDelta(_Delta):
+    """``new ^ base``."""
+
+    id, name, kernel_op = XOR, "xor-delta", kernels.OP_XOR
+
+    def residual(self, u: np.ndarray, b1: np.ndarray, b2, out: np.ndarray) -> None:
+        np.bitwise_xor(u, b1, out=out)
+
+    def restore_(self, x: np.ndarray, b1: np.ndarray, b2) -> None:
+        x ^= b1
+
+
+class SubDelta(_Delta):
+    """``zigzag(new - base)``, wrapping."""
+
+    id, name, kernel_op = SUB, "sub-delta", kernels.OP_SUB
+
+    def residual(self, u: np.ndarray, b1: np.ndarray, b2, out: np.ndarray) -> None:
+        np.subtract(u, b1, out=out)
+        _zigzag_(out)
+
+    def restore_(self, x: np.ndarray, b1: np.ndarray, b2) -> None:
+        _unzigzag_(x)
+        x += b1
+
+
+class Lin2(_Delta):
+    """``zigzag(new - (2*b1 - b2))``, wrapping: two-base linear extrapolation."""
+
+    id, name, kernel_op, nbases = LIN2, "lin2", kernels.OP_LIN2, 2
+
+    def residual(self, u: np.ndarray, b1: np.ndarray, b2, out: np.ndarray) -> None:
+        np.subtract(u, _lin2_pred(b1, b2), out=out)
+        _zigzag_(out)
+
+    def restore_(self, x: np.ndarray, b1: np.ndarray, b2) -> None:
+        _unzigzag_(x)
+        x += _lin2_pred(b1, b2)
+
+
+#: The one table of codecs, by id: every id a record header may name.
+CODECS: dict[int, Codec] = {c.id: c for c in (Raw(), Zstd(), Planes(), XorDelta(), SubDelta(), Lin2())}
+_PLANE_CODECS = tuple(c for c in CODECS.values() if isinstance(c, PlaneCodec))
+
+
+def by_id(codec_id: int) -> Codec:
+    """The codec with this id (``FormatError`` for an id no version of coralfs wrote)."""
+    try:
+        return CODECS[codec_id]
+    except KeyError:
+        raise FormatError(f"unknown codec id {codec_id}") from None
+
+
+def uses_bases(codec_id: int) -> int:
+    """0, 1 or 2: how many bases ``decode`` needs for ``codec_id``."""
+    return by_id(codec_id).nbases
+
+
+# --------------------------------------------------------------------------- encode
 
 
 def _sample_index(n: int, w: int) -> np.ndarray | None:
@@ -354,15 +559,16 @@ def _sample_index(n: int, w: int) -> np.ndarray | None:
     return (starts[:, None] + np.arange(blk, dtype=np.int64)).reshape(-1)
 
 
-def _candidates(ch: _Chunk) -> list[tuple[int, int]]:
-    c = [(PLANES, 0)]
-    if ch.w > 1:
-        c.append((PLANES, ROT))
-    if ch.b1 is not None and len(ch.b1):
-        c += [(XOR, 0), (SUB, 0)]
-        if ch.b2 is not None and len(ch.b2):
-            c.append((LIN2, 0))
-    return c
+def _candidates(ch: _Chunk) -> list[tuple[PlaneCodec, int]]:
+    """The plane codecs ``ch``'s bases allow, with their flags, in id order (``PLANES`` also rotated)."""
+    have = 0 if ch.b1 is None or not len(ch.b1) else 1 if ch.b2 is None or not len(ch.b2) else 2
+    out: list[tuple[PlaneCodec, int]] = []
+    for c in _PLANE_CODECS:
+        if c.nbases <= have:
+            out.append((c, 0))
+            if c.id == PLANES and ch.w > 1:
+                out.append((c, ROT))
+    return out
 
 
 def encode(
@@ -405,31 +611,28 @@ def encode(
 
     overhead = 4 + 4 * w + len(ch.tail)
     # (estimated size, number of bases, codec, flags, per-plane zstd use)
-    est: list[tuple[float, int, int, int, list | None]] = [(float(ch.raw_len), 0, RAW, 0, None)]
-    zs = len(_cctx("plain", level).compress(sample_raw.data))
-    est.append((zs * (ch.raw_len / max(1, len(sample_raw))) + 16, 0, ZSTD, 0, None))
-    pcctx = _cctx("plane", level)
+    est: list[tuple[float, int, Codec, int, list | None]] = [(float(ch.raw_len), 0, CODECS[RAW], 0, None)]
+    zs = len(zstd_compressor(level).compress(sample_raw.data))
+    est.append((zs * (ch.raw_len / max(1, len(sample_raw))) + 16, 0, CODECS[ZSTD], 0, None))
+    pcctx = zstd_compressor(level, planes=True)
     rot_wins = False
-    for codec, flags in _candidates(ch):
-        if codec != PLANES and rot_wins:
+    for c, flags in _candidates(ch):
+        if c.id != PLANES and rot_wins:
             flags |= ROT
-        cost, use = _plane_cost(_split_planes(_forward(codec, flags, s.u, s.b1, s.b2), w), pcctx)
+        cost, use = _plane_cost(_split_planes(c.forward(flags, s.u, s.b1, s.b2), w), pcctx)
         e = cost * scale + overhead
-        if codec == PLANES and flags & ROT and e < est[-1][0]:
+        if c.id == PLANES and flags & ROT and e < est[-1][0]:
             rot_wins = True
-        est.append((e, _NBASES[codec], codec, flags, use))
+        est.append((e, c.nbases, c, flags, use))
 
     best = min(est, key=lambda t: t[0] * (1.0 + _BASE_PENALTY * t[1]))
-    _, _, codec, flags, use = best
-    if codec == RAW:
+    _, _, c, flags, use = best
+    if c.id == RAW:
         return RAW, b""
-    if codec == ZSTD:
-        z = _cctx("plain", level).compress(ch.raw8.data)
-        return (ZSTD, z) if len(z) < ch.raw_len else (RAW, b"")
-    payload = _encode_planes(codec, flags, ch, level, use if idx is not None else None)
+    payload = c.encode(ch, level, flags, use if idx is not None else None)
     if len(payload) >= ch.raw_len:
         return RAW, b""
-    return codec, payload
+    return c.id, payload
 
 
 def _encode_with(
@@ -443,20 +646,18 @@ def _encode_with(
 ) -> bytes:
     """Payload for a forced codec (tests, benchmarks). No fallback to raw."""
     ch = _Chunk(raw, width, base, base2)
-    if codec_id == RAW:
-        return ch.raw8.tobytes()
-    if codec_id == ZSTD:
-        return _cctx("plain", level).compress(ch.raw8.data)
-    if codec_id not in _NBASES:
+    c = CODECS.get(codec_id)
+    if c is None:
         raise ValueError(f"unknown tensor codec {codec_id}")
-    if flags & ~_KNOWN_FLAGS:
-        raise ValueError(f"unknown flags {flags:#x}")
-    need = _NBASES[codec_id]
-    if need >= 1 and base is None or need >= 2 and base2 is None:
-        raise ValueError(f"codec {codec_id} needs {need} base(s)")
-    if need >= 2 and ch.b2 is None:  # LIN2 with a base shorter than one element
-        ch.b2 = ch.b1[:0]
-    return _encode_planes(codec_id, flags, ch, level)
+    if isinstance(c, PlaneCodec):
+        if flags & ~_KNOWN_FLAGS:
+            raise ValueError(f"unknown flags {flags:#x}")
+        need = c.nbases
+        if need >= 1 and base is None or need >= 2 and base2 is None:
+            raise ValueError(f"codec {codec_id} needs {need} base(s)")
+        if need >= 2 and ch.b2 is None:  # LIN2 with a base shorter than one element
+            ch.b2 = ch.b1[:0]
+    return c.encode(ch, level, flags)
 
 
 # --------------------------------------------------------------------------- decode
@@ -474,91 +675,4 @@ def decode(
     """Exact inverse of ``encode``. For codec 0 the caller passes the raw bytes as payload.
     ``as_array``: a plane codec returns its uint8 array as is (no copy into ``bytes``); for
     a decode whose result only serves as another chunk's base."""
-    if codec_id == RAW:
-        if len(payload) != raw_len:
-            raise FormatError("raw tensor chunk has the wrong length")
-        return bytes(payload)
-    if codec_id == ZSTD:
-        try:
-            out = _dctx().decompress(payload, max_output_size=raw_len)
-        except zstandard.ZstdError as e:
-            raise FormatError(f"corrupt zstd tensor chunk: {e}") from None
-        if len(out) != raw_len:
-            raise FormatError("zstd tensor chunk has the wrong length")
-        return out
-    need = uses_bases(codec_id)
-    if need >= 1 and base is None or need >= 2 and base2 is None:
-        raise ValueError(f"codec {codec_id} needs {need} base(s)")
-
-    w = _norm_width(width)
-    n = raw_len // w
-    dt = _UINT[w]
-    buf = memoryview(payload)
-    if buf.format != "B" or buf.ndim != 1:
-        buf = buf.cast("B")
-    if len(buf) < 2 or buf[0] != FORMAT:
-        raise FormatError(f"unsupported tensor payload format {buf[0] if len(buf) else None}")
-    flags = buf[1]
-    if flags & ~_KNOWN_FLAGS:
-        raise FormatError(f"unknown tensor payload flags {flags:#x}")
-    pos = 2
-    b1 = b2 = None
-    if need >= 1:
-        c1, pos = _get_varint(buf, pos)
-        b = _bytes_view(base)
-        if c1 > n or len(b) < c1 * w:
-            raise FormatError("tensor delta longer than its chunk or base")
-        b1 = b[: c1 * w].view(dt)
-    if need >= 2:
-        c2, pos = _get_varint(buf, pos)
-        b = _bytes_view(base2)
-        if c2 > len(b1) or len(b) < c2 * w:
-            raise FormatError("tensor delta longer than its second base")
-        b2 = b[: c2 * w].view(dt)
-    dirs = []
-    for _ in range(w):
-        if pos >= len(buf):
-            raise FormatError("truncated tensor payload")
-        mode = buf[pos]
-        size, pos = _get_varint(buf, pos + 1)
-        dirs.append((mode, size))
-    tail_len = raw_len - n * w
-    if pos + sum(s for _, s in dirs) + tail_len != len(buf):
-        raise FormatError("tensor payload has the wrong length")
-
-    out_bytes, out = (None, np.empty(raw_len, dtype=np.uint8)) if as_array else _new_bytes(raw_len)
-    fill_bytes = not as_array
-    dctx = _dctx()
-    planes = []
-    for mode, size in dirs:
-        data = buf[pos : pos + size]
-        pos += size
-        if mode == _MODE_ZSTD:
-            try:
-                data = dctx.decompress(data, max_output_size=n)
-            except zstandard.ZstdError as e:
-                raise FormatError(f"corrupt tensor plane: {e}") from None
-        elif mode != _MODE_RAW:
-            raise FormatError(f"unknown plane mode {mode}")
-        if len(data) != n:
-            raise FormatError("tensor plane has the wrong length")
-        plane = np.frombuffer(data, dtype=np.uint8)
-        plane.flags.writeable = False  # one compiled signature for raw and zstd planes
-        planes.append(plane)
-    if tail_len:
-        out[n * w :] = np.frombuffer(buf[pos:], dtype=np.uint8)
-    x = out[: n * w].view(dt)
-    k = kernels.get()
-    if k is not None and w > 1 and n and codec_id == PLANES:  # a keyframe: one pass
-        (k.unshuffle_rot if flags & ROT else k.unshuffle)[w](*planes, x)
-    elif k is not None and w > 1 and n:
-        k.unshuffle[w](*planes, x)
-        k.inverse(x, _KERNEL_OP[codec_id], bool(flags & ROT), kernels.base(b1, w), kernels.base(b2, w))
-    else:
-        body = out[: n * w].reshape(n, w)
-        for i, plane in enumerate(planes):
-            body[:, i] = plane
-        _inverse_(codec_id, flags, x, b1, b2)
-    if not fill_bytes:
-        return out
-    return out_bytes if out_bytes is not None else out.tobytes()
+    return by_id(codec_id).decode(payload, raw_len, width, base, base2, as_array)

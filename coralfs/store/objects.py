@@ -17,6 +17,7 @@ from typing import Any
 
 import zstandard
 
+from coralfs.codec.tensor import zstd_compressor, zstd_decompressor
 from coralfs.errors import FormatError, InvalidPath, NameTooLong
 from coralfs.hashing import digest
 
@@ -100,7 +101,7 @@ def _pack(type_: int, body: dict[str, Any]) -> bytes:
     # its surrogates; any body that is valid UTF-8 keeps exactly the bytes (and id) it always had
     raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
     if len(raw) > 4096:
-        comp = zstandard.ZstdCompressor(level=6).compress(raw)
+        comp = zstd_compressor(6).compress(raw)
         if len(comp) < len(raw):
             return MAGIC + bytes((VERSION, type_, 1)) + comp
     return MAGIC + bytes((VERSION, type_, 0)) + raw
@@ -117,7 +118,7 @@ def unpack(data: bytes) -> tuple[int, dict[str, Any]]:
     body = data[6:]
     try:
         if comp == 1:
-            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 30)
+            body = zstd_decompressor().decompress(body, max_output_size=1 << 30)
         elif comp != 0:
             raise FormatError(f"unknown object compression {comp}")
         return type_, json.loads(bytes(body).decode("utf-8", "surrogatepass"))

@@ -40,7 +40,7 @@ from coralfs.reader import FileView
 from coralfs.repack import BELOW_PREFIX
 from coralfs.store import keys, refs
 from coralfs.store.objects import Commit, Manifest, Tag, Tree, deserialize, path_error
-from coralfs.store.objectstore import ObjectStore
+from coralfs.store.objectstore import Headers, ObjectStore
 
 if TYPE_CHECKING:
     from coralfs.repository import Repository
@@ -224,18 +224,8 @@ def fsck(repo: Repository, repair: bool = False, log: Callable[[str], None] | No
     with repo.store.read() as t:
         chunk_ids = list(t.keys("chunks"))
         object_ids = list(t.keys("objects"))
-    needed_bases: set[bytes] = set()  # base chains of reachable chunks (never garbage while needed)
-    todo = [c for c in reachable_chunks]
-    while todo:
-        cid = todo.pop()
-        try:
-            bases = vs.chunk_header(cid).bases
-        except CoralError:
-            continue
-        for b in bases:
-            if b not in needed_bases:
-                needed_bases.add(b)
-                todo.append(b)
+    # base chains of reachable chunks (never garbage while needed)
+    needed_bases = {b for _, h, _ in Headers(store=vs.store).walk(reachable_chunks, skip_bad=True) for b in h.bases}
     garbage_bad: list[bytes] = []
     for cid in chunk_ids:
         rep.chunks += 1

@@ -63,7 +63,7 @@ from coralfs.repack import BELOW_PREFIX
 from coralfs.store import refs
 from coralfs.store.lmdb import Txn
 from coralfs.store.objects import Commit, Manifest, Tag, Tree
-from coralfs.store.objectstore import ObjectStore
+from coralfs.store.objectstore import Headers, ObjectStore
 
 if TYPE_CHECKING:
     from coralfs.repository import Repository
@@ -82,7 +82,6 @@ KILL_ENV = "CORALFS_GC_KILL_AT"
 BATCH_KEYS = 2000  # deletions per sweep transaction
 BATCH_BYTES = 64 << 20  # bytes of re-encoded records per transaction
 GRACE_SECONDS = 0.25
-_HDR_PEEK = records.PEEK_LEN
 
 
 class GcAborted(IntegrityError):
@@ -216,32 +215,12 @@ class Marker:
     def keep_bases(self, t: Txn, cids: Iterable[bytes]) -> int:
         """Mark the base chains of ``cids`` (transitively); returns how many were added."""
         added = 0
-        stack = list(cids)
-        seen: set[bytes] = set()
-        while stack:
-            cid = stack.pop()
-            if cid in seen:
-                continue
-            seen.add(cid)
-            v = t.peek("chunks", cid, _HDR_PEEK)
-            if v is None:
-                continue
-            try:
-                h = records.parse_header(v[0])
-            except CoralError:
-                continue
+        for _, h, _ in Headers(t).walk(cids, skip_bad=True):
             for b in h.bases:
                 if b not in self.chunks:
                     self.chunks.add(b)
                     added += 1
-                stack.append(b)
         return added
-
-
-def _peek_header(repo: Repository, cid: bytes) -> records.RecordHeader | None:
-    with repo.store.read() as t:
-        v = t.peek("chunks", cid, _HDR_PEEK)
-    return None if v is None else records.parse_header(v[0])
 
 
 # ------------------------------------------------------------------ LMDB info
@@ -316,21 +295,20 @@ def _gc_locked(repo: Repository, dry_run: bool, grace: float, batch_keys: int, b
     dead_objects: list[tuple[bytes, int]] = []
     dead_index: list[bytes] = []
     reencode: list[tuple[int, bytes]] = []
+    bad: dict[bytes, CoralError] = {}
     with repo.store.read() as t:
         marker.mark_roots(t)
         for oid, size, _ in t.scan("objects", 0):
             stats.objects_total += 1
             if oid not in marker.objects:
                 dead_objects.append((oid, size))
-        for cid, size, head in t.scan("chunks", _HDR_PEEK):  # record headers only
+        for cid, size, h in Headers(t).scan(bad):  # record headers only
             stats.chunks_total += 1
             if cid not in marker.chunks:
                 dead_chunks.append((cid, size))
                 continue
-            try:
-                h = records.parse_header(head)
-            except CoralError as e:
-                stats.problems.append(f"reachable chunk {cid.hex()[:16]} has a bad header: {e}")
+            if h is None:
+                stats.problems.append(f"reachable chunk {cid.hex()[:16]} has a bad header: {bad[cid]}")
                 continue
             if any(b not in marker.chunks for b in h.bases):
                 reencode.append((h.depth, cid))
@@ -387,23 +365,10 @@ def _note(repo: Repository, state: dict[str, Any]) -> None:
 
 def _dead_bases(repo: Repository, marker: Marker, live: list[bytes]) -> set[bytes]:
     """Dead chunks in the (transitive) base chains of ``live`` chunks."""
-    out: set[bytes] = set()
-    stack = list(live)
-    seen: set[bytes] = set()
-    while stack:
-        cid = stack.pop()
-        if cid in seen:
-            continue
-        seen.add(cid)
-        try:
-            h = _peek_header(repo, cid)
-        except CoralError:
-            continue
-        for b in h.bases if h is not None else ():
-            if b not in marker.chunks:  # a live base is itself live or re-encoded: stop there
-                out.add(b)
-                stack.append(b)
-    return out
+    def dead(h: records.RecordHeader) -> list[bytes]:  # a live base is itself live or re-encoded: stop there
+        return [b for b in h.bases if b not in marker.chunks]
+
+    return {b for _, h, _ in Headers(store=repo.store).walk(live, dead, skip_bad=True) for b in dead(h)}
 
 
 def _index_live(key: bytes, value: bytes, marker: Marker) -> bool:
@@ -431,21 +396,13 @@ def _reencode(repo: Repository, marker: Marker, todo: list[bytes], stats: GcStat
     """Re-encode ``todo`` (sorted by depth) so that no reachable chunk names a dead base."""
     max_depth = int(getattr(repo.ingestor, "max_depth", 8))
     vstore = ObjectStore(repo.store, cache_bytes=128 << 20)
-    new_headers: dict[bytes, records.RecordHeader] = {}
+    headers = Headers(store=repo.store)  # and the records re-encoded so far (``known``)
 
-    def header(cid: bytes) -> records.RecordHeader | None:
-        h = new_headers.get(cid)
-        return h if h is not None else _peek_header(repo, cid)
-
-    def live_ancestor(start: bytes) -> bytes | None:
-        cur: bytes | None = start
-        for _ in range(64):
-            if cur is None:
-                return None
-            if cur in marker.chunks:
-                return cur
-            h = header(cur)
-            cur = h.bases[0] if h is not None and h.bases else None
+    def live_ancestor(start: bytes) -> tuple[bytes, records.RecordHeader] | None:
+        """The nearest live chunk down ``start``'s chain of first bases (``start`` included)."""
+        for cid, h, _ in headers.chain(start, limit=64):
+            if cid in marker.chunks:
+                return cid, h
         return None
 
     batch: list[tuple[bytes, bytes]] = []
@@ -474,10 +431,10 @@ def _reencode(repo: Repository, marker: Marker, todo: list[bytes], stats: GcStat
             base: tuple[bytes, bytes] | None = None
             base2: tuple[bytes, bytes] | None = None
             base_depth = 0
-            anc = live_ancestor(h.bases[0]) if h.bases else None
-            if anc is not None:
-                ha = header(anc)
-                if ha is not None and ha.depth + 1 <= max_depth:
+            found = live_ancestor(h.bases[0]) if h.bases else None
+            if found is not None:
+                anc, ha = found
+                if ha.depth + 1 <= max_depth:
                     base = (anc, vstore.get_chunk(anc))
                     base_depth = ha.depth
                     if ha.bases and ha.depth >= 1 and ha.bases[0] in marker.chunks:
@@ -494,7 +451,7 @@ def _reencode(repo: Repository, marker: Marker, todo: list[bytes], stats: GcStat
             stats.problems.append(f"chunk {cid.hex()[:16]} could not be re-encoded ({e}); its bases are kept")
             failed.append(cid)
             continue
-        new_headers[cid] = nh
+        headers.known[cid] = (nh, len(rec))
         stats.reencoded += 1
         stats.keyframes += 0 if nh.bases else 1
         stats.reencode_bytes_before += len(old)

@@ -58,7 +58,7 @@ from coralfs.store.keys import HASHED, MAX_INLINE
 from coralfs.store.lmdb import Txn
 from coralfs.store.locks import gate_for
 from coralfs.store.objects import Commit, Manifest, Piece, Segment, Tag, Tree, deserialize
-from coralfs.store.objectstore import ObjectStore
+from coralfs.store.objectstore import Headers, ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -303,16 +303,16 @@ class Ingestor:
         dead = {c for c in chunks if c not in mentioned}
         users: dict[bytes, list[bytes]] = {}  # candidate -> records naming it as a delta base
         sizes: dict[bytes, int] = {}  # candidates present now (gc of another process may have got some)
-        for cid, size, head in t.scan("chunks", records.PEEK_LEN):
-            if cid in chunks:
-                sizes[cid] = size
-            try:
-                bases = records.parse_header(head).bases
-            except CoralError:
-                return None
-            for b in bases:
-                if b in chunks:
-                    users.setdefault(b, []).append(cid)
+        try:
+            for cid, size, h in Headers(t).scan():
+                if cid in chunks:
+                    sizes[cid] = size
+                assert h is not None  # (a scan without ``errors`` raises instead)
+                for b in h.bases:
+                    if b in chunks:
+                        users.setdefault(b, []).append(cid)
+        except CoralError:
+            return None
         changed = True
         while changed:  # a base of anything that stays, stays
             changed = False
@@ -357,17 +357,18 @@ class Ingestor:
                   prev: dict[str, Segment]) -> tuple[bytes, bool, records.RecordHeader] | None:
         """``(chunk id, is the previous version of this piece, its record header)`` of the base
         for piece ``i``."""
+        headers = Headers(t)
         seg = prev.get(r.name)
         if seg is not None and seg.dtype == r.dtype and i < len(seg.pieces):
             cid = seg.pieces[i].chunk
-            v = t.peek("chunks", cid, records.PEEK_LEN) if cid is not None else None
-            if cid is not None and v is not None:
-                return cid, True, records.parse_header(v[0])
+            h = headers.get(cid) if cid is not None else None
+            if cid is not None and h is not None:
+                return cid, True, h
         cid = t.get("index", tensor_index_key(r.dtype, r.name, i))
-        v = t.peek("chunks", cid, records.PEEK_LEN) if cid is not None else None
-        if cid is None or v is None:
+        h = headers.get(cid) if cid is not None else None
+        if cid is None or h is None:
             return None
-        return cid, False, records.parse_header(v[0])
+        return cid, False, h
 
     def _tensor_job(self, raw: memoryview, width: int, cid: bytes,
                     base: tuple[bytes, bool, records.RecordHeader] | None) -> tuple[bytes, bytes | None]:
@@ -405,10 +406,8 @@ class Ingestor:
             return records.encode_tensor(raw, width)
         if gen % SUBCHAIN == 0:
             key = base_cid
-            kh = h
-            while kh.bases:  # walk to the cycle's keyframe (at most SUBCHAIN header reads)
-                key = kh.bases[0]
-                kh = self.ostore.chunk_header(key)
+            if h.bases:  # the cycle's keyframe ends the chain (at most SUBCHAIN header reads)
+                *_, (key, _, _) = Headers(store=self.ostore.store).chain(h.bases[0], must_exist=True)
             return records.encode_tensor(raw, width, (key, self.ostore.get_chunk(key)), None, 0, gen)
         base = (base_cid, self.ostore.get_chunk(base_cid))
         base2 = None

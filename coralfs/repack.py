@@ -51,7 +51,7 @@ from coralfs.errors import CoralError
 from coralfs.hashing import ID_LEN
 from coralfs.ingest import PENDING_PREFIX
 from coralfs.store.lmdb import Txn
-from coralfs.store.objectstore import ObjectStore
+from coralfs.store.objectstore import Headers, ObjectStore
 
 REVERSE_MAX_BELOW = 15  # at most this many deltas on a chain above a keyframe
 LOAD_BUDGET = 8.0  # ... holding at most this many times the piece's bytes
@@ -161,15 +161,16 @@ def _decide(job: _Job, below: tuple[int, int, int]) -> tuple[int, int, int] | No
 
 
 def _apply(t: Txn, jobs: list[_Job], stats: RepackStats) -> None:
+    headers = Headers(t)
     for job in jobs:
         t.delete("index", job.key)
         stats.examined += 1
         if job.stale:
             stats.dropped += 1
             continue
-        old = t.peek("chunks", job.prev, records.PEEK_LEN)
-        new = t.peek("chunks", job.new, records.PEEK_LEN)
-        if old is None or new is None or records.parse_header(old[0]).bases or records.parse_header(new[0]).bases:
+        old = headers.info(job.prev)
+        new = headers.info(job.new)
+        if old is None or new is None or old[0].bases or new[0].bases:
             stats.dropped += 1
             continue
         below = _decide(job, read_below(t, job.prev))

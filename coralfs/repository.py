@@ -680,7 +680,7 @@ class Repository:
 
     def stats(self) -> dict[str, Any]:
         """Logical vs stored bytes, dedup and codec breakdown."""
-        from coralfs.codec import records
+        from coralfs.store.objectstore import Headers
 
         manifests: set[bytes] = set()
         versions = 0
@@ -702,8 +702,8 @@ class Repository:
         delta = 0
         with self.store.read() as t:
             n_chunks = 0
-            for _, size, head in t.scan("chunks", records.HEADER_LEN + 2 * 32):  # headers only
-                h = records.parse_header(head)
+            for _, size, h in Headers(t).scan():  # headers only
+                assert h is not None
                 d = by_codec.setdefault(h.codec_name, {"chunks": 0, "raw": 0, "stored": 0})
                 d["chunks"] += 1
                 d["raw"] += h.raw_len

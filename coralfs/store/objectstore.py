@@ -9,17 +9,106 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 from coralfs.codec import records
-from coralfs.errors import FormatError, IntegrityError, MissingObject
+from coralfs.codec.records import RecordHeader
+from coralfs.errors import CoralError, FormatError, IntegrityError, MissingObject
 from coralfs.hashing import digest
 from coralfs.store.lmdb import Store, Txn
 from coralfs.store.objects import Object, deserialize
 
 MAX_CHAIN = 64  # a sanity bound for decoding; ingest keeps chains far shorter
+
+
+def _all_bases(h: RecordHeader) -> Iterable[bytes]:
+    return h.bases
+
+
+class Headers:
+    """Chunk record headers, read from the first ``records.PEEK_LEN`` bytes of each record
+    (never the whole record), and walks down delta chains: the one place that reads a header,
+    parses it and follows its bases.
+
+    Reads go through the transaction ``t`` or, without one, each through a short read
+    transaction of its own on ``store`` (a long walk pins no old pages). ``known``: headers
+    the caller knows better than the store (records re-encoded in a batch not written yet),
+    with their records' lengths."""
+
+    def __init__(self, t: Txn | None = None, *, store: Store | None = None) -> None:
+        assert (t is None) != (store is None)
+        self.t = t
+        self.store = store
+        self.known: dict[bytes, tuple[RecordHeader, int]] = {}
+
+    def info(self, cid: bytes) -> tuple[RecordHeader, int] | None:
+        """A chunk's record header and the record's stored length; None when there is no such
+        chunk. A header that cannot be parsed raises ``FormatError``."""
+        got = self.known.get(cid)
+        if got is not None:
+            return got
+        if self.t is not None:
+            v = self.t.peek("chunks", cid, records.PEEK_LEN)
+        else:
+            assert self.store is not None
+            with self.store.read() as t:
+                v = t.peek("chunks", cid, records.PEEK_LEN)
+        return None if v is None else (records.parse_header(v[0]), v[1])
+
+    def get(self, cid: bytes) -> RecordHeader | None:
+        """A chunk's record header (None: no such chunk)."""
+        got = self.info(cid)
+        return None if got is None else got[0]
+
+    def walk(self, starts: Iterable[bytes], follow: Callable[[RecordHeader], Iterable[bytes]] = _all_bases, *,
+             limit: int | None = None, must_exist: bool = False, skip_bad: bool = False,
+             ) -> Iterator[tuple[bytes, RecordHeader, int]]:
+        """Each chunk of ``starts`` and, depth first, the bases ``follow(header)`` names of every
+        chunk visited (all of them by default), each chunk once: ``(id, header, stored length)``.
+        A missing chunk is passed over (``must_exist``: ``MissingObject``); a header that cannot
+        be read raises (``skip_bad``: passed over, its bases unknown). ``limit``: look at no
+        more chunks than this."""
+        todo = list(starts)
+        seen: set[bytes] = set()
+        while todo and (limit is None or len(seen) < limit):
+            cid = todo.pop()
+            if cid in seen:
+                continue
+            seen.add(cid)
+            try:
+                got = self.info(cid)
+            except CoralError:
+                if skip_bad:
+                    continue
+                raise
+            if got is None:
+                if must_exist:
+                    raise MissingObject(f"chunk {cid.hex()} is missing")
+                continue
+            yield cid, got[0], got[1]
+            todo.extend(follow(got[0]))
+
+    def chain(self, cid: bytes, *, limit: int | None = MAX_CHAIN, must_exist: bool = False
+              ) -> Iterator[tuple[bytes, RecordHeader, int]]:
+        """``cid`` and the chunks down its chain of first bases, in order (the last one, when
+        the walk ends there, is a keyframe)."""
+        return self.walk([cid], lambda h: h.bases[:1], limit=limit, must_exist=must_exist)
+
+    def scan(self, errors: dict[bytes, CoralError] | None = None) -> Iterator[tuple[bytes, int, RecordHeader | None]]:
+        """Every chunk in the store (through ``t``): ``(id, stored length, header)``. A header
+        that cannot be parsed raises, or with ``errors`` is recorded there and comes as None."""
+        assert self.t is not None
+        for cid, size, head in self.t.scan("chunks", records.PEEK_LEN):
+            try:
+                h: RecordHeader | None = records.parse_header(head)
+            except CoralError as e:
+                if errors is None:
+                    raise
+                errors[cid] = e
+                h = None
+            yield cid, size, h
 
 
 def start_threads(executor: ThreadPoolExecutor, n: int) -> None:
@@ -110,28 +199,16 @@ class ObjectStore:
 
     def chunk_info(self, cid: bytes) -> tuple[records.RecordHeader, int]:
         """A chunk's record header and the record's stored length (only the header is read)."""
-        with self.store.read() as t:
-            v = t.peek("chunks", cid, records.PEEK_LEN)
-        if v is None:
+        got = Headers(store=self.store).info(cid)
+        if got is None:
             raise MissingObject(f"chunk {cid.hex()} is missing")
-        return records.parse_header(v[0]), v[1]
+        return got
 
     def chain_records(self, cids: Iterable[bytes]) -> dict[bytes, int]:
         """Every chunk decoding ``cids`` touches (they and their delta bases, transitively),
         with the stored size of its record: what a cold read of them has to fetch."""
-        out: dict[bytes, int] = {}
-        todo = list(cids)
         with self.store.read() as t:
-            while todo:
-                cid = todo.pop()
-                if cid in out:
-                    continue
-                v = t.peek("chunks", cid, records.PEEK_LEN)
-                if v is None:
-                    raise MissingObject(f"chunk {cid.hex()} is missing")
-                out[cid] = v[1]
-                todo.extend(records.parse_header(v[0]).bases)
-        return out
+            return {cid: size for cid, _, size in Headers(t).walk(cids, must_exist=True)}
 
     def get_chunk(self, cid: bytes, _depth: int = 0) -> bytes:
         """A chunk's decoded, verified bytes. Concurrent callers asking for one chunk share
@@ -223,17 +300,9 @@ class ObjectStore:
         a decoder would wait on one disk read after another down a chain. Here (ahead of
         the decoder) each record's header is read and the records of every chain are
         fetched into the page cache at once; the decoder then finds them in memory."""
-        todo, seen = list(cids), set()
-        while todo and len(seen) < 4096:
-            cid = todo.pop()
-            if cid in seen:
-                continue
-            seen.add(cid)
-            v = t.peek("chunks", cid, records.PEEK_LEN)
-            bases = records.parse_header(v[0]).bases if v is not None else ()
-            if bases:
+        for cid, h, _ in Headers(t).walk(cids, limit=4096):
+            if h.bases:
                 t.advise("chunks", [cid], values=True)
-                todo.extend(bases)
 
     def _prefetch_one(self, cid: bytes) -> None:
         try:

@@ -3,7 +3,7 @@
 Each layer is a set of packages (or top-level modules) of ``coralfs``:
 
 ====  ==============  ==============================================================
- 0    base            ``errors``, ``hashing``
+ 0    base            ``errors``, ``hashing``, ``lru``
  1    codec           ``codec/`` (chunk records, tensor codecs, compiled loops), ``formats/``
  2    store           ``store/`` (LMDB, key layout, gc interlock, objects, refs, object store)
  3    pipeline        ``ingest``, ``repack``, ``reader``
@@ -26,7 +26,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "coralfs"
 
 LAYERS: list[tuple[str, set[str]]] = [
-    ("base", {"errors", "hashing"}),
+    ("base", {"errors", "hashing", "lru"}),
     ("codec", {"codec", "formats"}),
     ("store", {"store"}),
     ("pipeline", {"ingest", "repack", "reader"}),

@@ -43,7 +43,6 @@ import re
 import stat
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -55,6 +54,7 @@ from coralfs.errors import (
     PathNotFound,
     ReadOnly,
 )
+from coralfs.lru import LRU
 from coralfs.mount.namespace import COMMITS, TAGS, UNBORN, WriteNamespace
 from coralfs.mount.writer import Staged, Writer
 from coralfs.reader import PREFETCH_POOL_THREADS, FileView, prefetch_pool
@@ -216,10 +216,8 @@ class MountView(WriteNamespace):
         self.gid = os.getgid() if gid is None else gid
         self.start_time = time.time()
         self._lock = threading.Lock()
-        self._commits: OrderedDict[bytes, _CommitView] = OrderedDict()
-        self._cache_commits = cache_commits
-        self._views: OrderedDict[bytes, FileView] = OrderedDict()
-        self._cache_views = cache_views
+        self._commits: LRU[bytes, _CommitView] = LRU(cache_commits)
+        self._views: LRU[bytes, FileView] = LRU(cache_views)
         self.prefetch_bytes = prefetch_bytes
         self._prefetcher = ThreadPoolExecutor(prefetch_threads, thread_name_prefix="coralfs-prefetch") \
             if prefetch_bytes > 0 and prefetch_threads > 0 else None
@@ -234,17 +232,12 @@ class MountView(WriteNamespace):
     def _commit_view(self, cid: bytes) -> _CommitView:
         if cid == UNBORN:  # the default branch of an empty repository
             return _CommitView(UNBORN, self.start_time, {})
-        with self._lock:
-            cv = self._commits.get(cid)
-            if cv is not None:
-                self._commits.move_to_end(cid)
-                return cv
+        cv = self._commits.get(cid)
+        if cv is not None:
+            return cv
         commit = self.repo.get_commit(cid)
         cv = _CommitView(cid, commit.time, dict(self.repo.get_tree(commit.tree).entries))
-        with self._lock:
-            self._commits[cid] = cv
-            while len(self._commits) > self._cache_commits:
-                self._commits.popitem(last=False)
+        self._commits.put(cid, cv)
         return cv
 
     def _branch_view(self, name: str, cid: bytes) -> _CommitView:
@@ -267,16 +260,11 @@ class MountView(WriteNamespace):
             return ocv
 
     def _file_view(self, manifest_id: bytes) -> FileView:
-        with self._lock:
-            v = self._views.get(manifest_id)
-            if v is not None:
-                self._views.move_to_end(manifest_id)
-                return v
+        v = self._views.get(manifest_id)
+        if v is not None:
+            return v
         v = FileView(self.repo.objects, self.repo.get_manifest(manifest_id))
-        with self._lock:
-            self._views[manifest_id] = v
-            while len(self._views) > self._cache_views:
-                self._views.popitem(last=False)
+        self._views.put(manifest_id, v)
         return v
 
     # ---------------------------------------------------------------- resolution

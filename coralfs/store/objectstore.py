@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
@@ -17,10 +16,14 @@ from coralfs.codec import records
 from coralfs.codec.records import RecordHeader
 from coralfs.errors import CoralError, FormatError, IntegrityError, MissingObject
 from coralfs.hashing import digest
+from coralfs.lru import LRU
 from coralfs.store.lmdb import Store, Txn
 from coralfs.store.objects import Object, deserialize
 
 MAX_CHAIN = 64  # a sanity bound for decoding; ingest keeps chains far shorter
+OBJECT_CACHE = 4096  # decoded objects kept (manifests, trees, commits)
+ADVISED_MEMORY = 4096  # chunks ``advise`` remembers having asked for (it does not ask twice)
+ADVISE_CHAIN_LIMIT = 4096  # headers one ``advise`` reads down delta chains at the most
 
 
 def _all_bases(h: RecordHeader) -> Iterable[bytes]:
@@ -124,41 +127,6 @@ def start_threads(executor: ThreadPoolExecutor, n: int) -> None:
         f.result()
 
 
-class ByteLRU:
-    """A thread-safe LRU cache bounded by the total size of its values."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.size = 0
-        self._d: OrderedDict[bytes, bytes] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: bytes) -> bytes | None:
-        with self._lock:
-            v = self._d.get(key)
-            if v is not None:
-                self._d.move_to_end(key)
-            return v
-
-    def put(self, key: bytes, value: bytes) -> None:
-        if len(value) > self.capacity // 4:
-            return
-        with self._lock:
-            old = self._d.pop(key, None)
-            if old is not None:
-                self.size -= len(old)
-            self._d[key] = value
-            self.size += len(value)
-            while self.size > self.capacity:
-                _, v = self._d.popitem(last=False)
-                self.size -= len(v)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._d.clear()
-            self.size = 0
-
-
 class _Flight:
     __slots__ = ("done", "data", "error")
 
@@ -171,13 +139,13 @@ class _Flight:
 class ObjectStore:
     def __init__(self, store: Store, cache_bytes: int = 256 << 20) -> None:
         self.store = store
-        self.chunk_cache = ByteLRU(cache_bytes)
+        # verified decoded chunks; a chunk over a quarter of the cache is not kept
+        self.chunk_cache: LRU[bytes, bytes] = LRU(max_bytes=cache_bytes, max_value_bytes=cache_bytes // 4)
         self._flock = threading.Lock()
         self._inflight: dict[bytes, _Flight] = {}
         self._queued: set[bytes] = set()
-        self._objects: OrderedDict[bytes, Object] = OrderedDict()
-        self._olock = threading.Lock()
-        self._advised: OrderedDict[bytes, None] = OrderedDict()
+        self._objects: LRU[bytes, Object] = LRU(OBJECT_CACHE)
+        self._advised: LRU[bytes, bool] = LRU(ADVISED_MEMORY)  # chunks advise() asked for lately
         self._io: ThreadPoolExecutor | None = None
 
     # -- chunks ---------------------------------------------------------------
@@ -266,10 +234,8 @@ class ObjectStore:
         with self._flock:
             for cid in cids:
                 if cid not in self._advised and self.chunk_cache.get(cid) is None:
-                    self._advised[cid] = None
+                    self._advised.put(cid, True)
                     todo.append(cid)
-            while len(self._advised) > 4096:
-                self._advised.popitem(last=False)
             if not todo:
                 return
             if self._io is None:
@@ -300,7 +266,7 @@ class ObjectStore:
         a decoder would wait on one disk read after another down a chain. Here (ahead of
         the decoder) each record's header is read and the records of every chain are
         fetched into the page cache at once; the decoder then finds them in memory."""
-        for cid, h, _ in Headers(t).walk(cids, limit=4096):
+        for cid, h, _ in Headers(t).walk(cids, limit=ADVISE_CHAIN_LIMIT):
             if h.bases:
                 t.advise("chunks", [cid], values=True)
 
@@ -377,11 +343,9 @@ class ObjectStore:
 
     # -- objects --------------------------------------------------------------
     def get_object(self, oid: bytes, txn: Txn | None = None) -> Object:
-        with self._olock:
-            obj = self._objects.get(oid)
-            if obj is not None:
-                self._objects.move_to_end(oid)
-                return obj
+        obj = self._objects.get(oid)
+        if obj is not None:
+            return obj
         if txn is not None:
             data = txn.get("objects", oid)
         else:
@@ -392,10 +356,7 @@ class ObjectStore:
         if digest(data) != oid:
             raise IntegrityError(f"object {oid.hex()[:16]} does not match its id")
         obj = deserialize(data)
-        with self._olock:
-            self._objects[oid] = obj
-            if len(self._objects) > 4096:
-                self._objects.popitem(last=False)
+        self._objects.put(oid, obj)
         return obj
 
     @staticmethod

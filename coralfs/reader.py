@@ -1,4 +1,5 @@
-"""Read any byte range of a stored file, decoding only the chunks it touches."""
+"""Read any byte range of a stored file, decoding only the chunks it touches; the read-ahead
+policy of every sequential reader (``ReadAhead``: ``FileReader`` and the mount's open files)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import bisect
 import io
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 from coralfs.store.objects import Manifest, Piece
 from coralfs.store.objectstore import ObjectStore
 
-READAHEAD_BYTES = 8 << 20
-ADVISE_BYTES = 64 << 20  # sequential readers: the disk reads the records this far ahead
+READAHEAD_BYTES = 8 << 20  # sequential readers: decode this far ahead (eight 1 MiB pieces)
+ADVISE_BYTES = 64 << 20  # ... and have the disk read the records this far ahead (ObjectStore.advise)
+SEQUENTIAL_READS = 2  # reads in a row, each where the last one ended, that make a reader sequential
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 PREFETCH_POOL_THREADS = 2
@@ -105,11 +107,38 @@ class FileView:
             i += 1
         return out
 
-    def prefetch(self, offset: int, size: int = READAHEAD_BYTES) -> None:
-        """Start decoding the chunks of ``[offset, offset + size)`` in the background."""
-        if offset < self.size:
-            self.ostore.prefetch(prefetch_pool(), self.chunks_in(offset, size))
-            self.ostore.advise(self.chunks_in(offset, ADVISE_BYTES))
+
+class ReadAhead:
+    """One reader's read-ahead: the policy every sequential reader follows. Once a reader has
+    read ``SEQUENTIAL_READS`` times in a row, each read starting where the last one ended, the
+    chunks of the next ``decode_bytes`` are decoded in the background (on ``executor``, by
+    default the process-wide pool) and the disk is asked for the records of the next
+    ``ADVISE_BYTES`` (in steps of half that window). A read elsewhere starts over."""
+
+    __slots__ = ("decode_bytes", "executor", "next_offset", "sequential", "advised_to")
+
+    def __init__(self, decode_bytes: int = READAHEAD_BYTES, executor: Executor | None = None) -> None:
+        self.decode_bytes = decode_bytes
+        self.executor = executor
+        self.next_offset = 0  # where a sequential reader reads next
+        self.sequential = 0  # reads in a row where the last one ended
+        self.advised_to = 0  # the disk has been asked to read the records up to here
+
+    def on_read(self, view: FileView, offset: int, size: int) -> None:
+        """``view`` is about to be read at ``[offset, offset + size)``: decode and fetch ahead."""
+        self.sequential = self.sequential + 1 if offset == self.next_offset else 0
+        self.next_offset = end = offset + size
+        if not self.sequential:
+            self.advised_to = 0
+        if self.sequential < SEQUENTIAL_READS or end >= view.size:
+            return
+        # a sequential reader (cat, cp, torch.load): decode the next chunks while this one is
+        # being copied out and the reader works on it
+        view.ostore.prefetch(self.executor or prefetch_pool(), view.chunks_in(end, self.decode_bytes))
+        if self.advised_to < end + ADVISE_BYTES // 2:
+            start = max(end, self.advised_to)
+            view.ostore.advise(view.chunks_in(start, end + ADVISE_BYTES - start))
+            self.advised_to = end + ADVISE_BYTES
 
 
 class FileReader(io.RawIOBase):
@@ -120,8 +149,7 @@ class FileReader(io.RawIOBase):
         self._view = view
         self._pos = 0
         self.name = name
-        self._readahead = readahead
-        self._sequential = 0
+        self._readahead = ReadAhead() if readahead else None
 
     @property
     def size(self) -> int:
@@ -147,18 +175,14 @@ class FileReader(io.RawIOBase):
             raise ValueError(f"invalid whence {whence}")
         if pos < 0:
             raise ValueError("negative seek position")
-        if pos != self._pos:
-            self._sequential = 0
         self._pos = pos
         return pos
 
     def read(self, size: int | None = -1) -> bytes:
         if size is None or size < 0:
             size = max(0, self._view.size - self._pos)
-        if self._readahead:
-            self._sequential += 1
-            if self._sequential >= 2:  # a sequential reader: decode what it will ask for next
-                self._view.prefetch(self._pos + size)
+        if self._readahead is not None:
+            self._readahead.on_read(self._view, self._pos, size)
         data = self._view.pread(self._pos, size)
         self._pos += len(data)
         return data

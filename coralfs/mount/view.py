@@ -44,7 +44,7 @@ import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from coralfs.errors import (
@@ -57,7 +57,7 @@ from coralfs.errors import (
 from coralfs.lru import LRU
 from coralfs.mount.namespace import COMMITS, TAGS, UNBORN, WriteNamespace
 from coralfs.mount.writer import Staged, Writer
-from coralfs.reader import PREFETCH_POOL_THREADS, FileView, prefetch_pool
+from coralfs.reader import PREFETCH_POOL_THREADS, READAHEAD_BYTES, FileView, ReadAhead, prefetch_pool
 from coralfs.store import refs
 from coralfs.store.objects import MODE_EXEC, Tag, TreeEntry
 from coralfs.store.objectstore import start_threads
@@ -67,8 +67,7 @@ if TYPE_CHECKING:
     from coralfs.store.lmdb import Txn
 
 DEFAULT_BLKSIZE = 1 << 20  # st_blksize: readers (cat, cp, Python) then issue large reads
-PREFETCH_BYTES = 8 << 20  # sequential readers: decode this far ahead (eight 1 MiB pieces)
-ADVISE_BYTES = 64 << 20  # ... and have the disk read this far ahead
+PREFETCH_BYTES = READAHEAD_BYTES  # the default of prefetch_bytes (reader.ReadAhead is the policy)
 _HEX_NAME = re.compile(r"^[0-9a-f]{4,64}$")
 _COMMIT_INDEX = b"c\x00"  # index db: b"c\0" + commit id -> b"" (see Repository.commits)
 MAX_NAME_BYTES = 255  # what a local file system accepts (a checkout must be able to write it)
@@ -184,9 +183,7 @@ class OpenFile:
     immutable: bool
     keep_cache: bool  # the kernel may keep its page cache (the inode's content is fixed)
     direct_io: bool = False  # bypass the page cache (a file being written by a write-only handle)
-    next_offset: int = 0  # where a sequential reader reads next
-    sequential: int = 0  # consecutive sequential reads
-    advised_to: int = 0  # the disk has been asked to read the records up to here
+    readahead: ReadAhead = field(default_factory=ReadAhead)  # a sequential reader's (reader.ReadAhead)
     staged: Staged | None = None  # reads (and writes) go to this staged file
     writable: bool = False
     append: bool = False
@@ -482,7 +479,8 @@ class MountView(WriteNamespace):
         with self._lock:
             fh = next(self._fh)
             # an inode's content never changes (a new version is a new inode): keep its cache
-            self._handles[fh] = OpenFile(fh, path, view, manifest, immutable, True, False, ino=ino)
+            self._handles[fh] = OpenFile(fh, path, view, manifest, immutable, True, False, ino=ino,
+                                         readahead=ReadAhead(self.prefetch_bytes, self._prefetcher))
         return fh
 
     def opened(self, fh: int) -> OpenFile:
@@ -526,18 +524,8 @@ class MountView(WriteNamespace):
 
     def _read_ahead(self, f: OpenFile, offset: int, size: int) -> None:
         if self._prefetcher is not None:
-            # a sequential reader (cat, cp, torch.load): decode the next chunks while this
-            # one is being copied out and the reader works on it
-            f.sequential = f.sequential + 1 if offset == f.next_offset else 0
-            f.next_offset = end = offset + size
-            if not f.sequential:
-                f.advised_to = 0
-            if f.sequential >= 2:
-                self.repo.objects.prefetch(self._prefetcher, f.view.chunks_in(end, self.prefetch_bytes))
-                if f.advised_to < end + ADVISE_BYTES // 2:  # in steps of half the window
-                    start = max(end, f.advised_to)
-                    self.repo.objects.advise(f.view.chunks_in(start, end + ADVISE_BYTES - start))
-                    f.advised_to = end + ADVISE_BYTES
+            assert f.view is not None
+            f.readahead.on_read(f.view, offset, size)
 
     def release(self, fh: int) -> None:
         with self._lock:

@@ -7,31 +7,31 @@ Roots (what is never swept)
     manifest as hex ``"m"``). From a root: commit -> tree + parents, tree -> manifests,
     manifest -> chunks, tag -> commit.
 
-Phases (each write is a bounded transaction; SIGKILL at any point leaves a consistent
-repository and a rerun finishes the job)
+Phases (``Collector``, one method each; each write is a bounded transaction; SIGKILL at any
+point leaves a consistent repository and a rerun finishes the job)
 
-1. **mark** in one read snapshot (no writes), and list the candidates from that same
-   snapshot. A reachable object that is missing or corrupt aborts gc: what it references
-   is unknown, so nothing may be swept.
-2. **sweep** what nothing needs, in batches: index entries that point at dead things first
-   (commit index ``c\\0``, tensor base index ``tb\\0``, stat cache ``st\\0``: a cache entry
-   must never outlive the manifest it names), then dead objects, then dead chunks that are
-   not a base of any live chunk. Each batch transaction first checks whether the roots
-   changed since the mark (a ref moved, a stage entry appeared); if so it marks from the
-   new roots inside the transaction (keeping the bases of newly marked chunks) before it
-   deletes anything. Only keys listed in the mark snapshot are candidates, so nothing
-   created after the mark is ever swept.
-3. **re-encode**: a live chunk's record may name a base chunk that is dead (the checkpoint
-   it was a delta against was pruned). Such chunks are re-encoded, in order of delta
-   depth, against their nearest *live* ancestor in the base chain (or as a keyframe when
-   that would exceed the repository's max depth or no ancestor survives). The chunk id
+1. **mark** (``mark``) in one read snapshot (no writes), and list the candidates from that
+   same snapshot. A reachable object that is missing or corrupt aborts gc: what it
+   references is unknown, so nothing may be swept.
+2. **sweep** (``sweep``) what nothing needs, in batches: index entries that point at dead
+   things first (commit index ``c\\0``, tensor base index ``tb\\0``, stat cache ``st\\0``: a
+   cache entry must never outlive the manifest it names), then dead objects, then dead
+   chunks that are not a base of any live chunk. Each batch transaction first checks whether
+   the roots changed since the mark (a ref moved, a stage entry appeared); if so it marks
+   from the new roots inside the transaction (keeping the bases of newly marked chunks)
+   before it deletes anything. Only keys listed in the mark snapshot are candidates, so
+   nothing created after the mark is ever swept.
+3. **re-encode** (``reencode``): a live chunk's record may name a base chunk that is dead
+   (the checkpoint it was a delta against was pruned). Such chunks are re-encoded, in order
+   of delta depth, against their nearest *live* ancestor in the base chain (or as a keyframe
+   when that would exceed the repository's max depth or no ancestor survives). The chunk id
    does not change: it is the hash of the decoded bytes. Every new record is decoded and
-   checked against the id before it is written. A chunk that cannot be decoded
-   (corruption) is left alone and its bases are kept instead. These writes reuse the
-   pages freed in phase 2.
-4. a short **grace** pause when anything was re-encoded, so that a concurrent reader that
-   fetched an old record just before its re-encode can still fetch the old base.
-5. **sweep** the old bases.
+   checked against the id before it is written. A chunk that cannot be decoded (corruption)
+   is left alone and its bases are kept instead. These writes reuse the pages freed in
+   phase 2.
+4. a short **grace** pause (``grace``) when anything was re-encoded, so that a concurrent
+   reader that fetched an old record just before its re-encode can still fetch the old base.
+5. **sweep** the old bases (``sweep_bases``).
 
 Concurrency: gc holds ``Repository.exclusive()`` for the whole run, so no ingest is in
 flight (an ingest writes chunks before anything references them). Readers (a mount, a
@@ -268,7 +268,7 @@ def gc(repo: Repository, dry_run: bool = False, compact: bool = False, grace: fl
     t0 = time.monotonic()
     grace = GRACE_SECONDS if grace is None else grace
     with repo.exclusive(wait=wait):
-        stats = _gc_locked(repo, dry_run, grace, batch_keys, batch_bytes, log)
+        stats = Collector(repo, dry_run, grace, batch_keys, batch_bytes, log).run()
         if compact and not dry_run:
             try:
                 _compact_locked(repo)
@@ -282,93 +282,251 @@ def gc(repo: Repository, dry_run: bool = False, compact: bool = False, grace: fl
     return stats
 
 
-def _gc_locked(repo: Repository, dry_run: bool, grace: float, batch_keys: int, batch_bytes: int,
-               log: Callable[[str], None] | None) -> GcStats:
-    say = log or (lambda _m: None)
-    stats = GcStats(dry_run=dry_run)
-    info = lmdb_info(repo)
-    stats.file_bytes_before, stats.free_pages_before = info["file_bytes"], info["free_pages"]
-    marker = Marker(repo)
+class Collector:
+    """One gc run under ``repo.exclusive()``: one method per phase of the module docstring,
+    called in order by ``run``. Every write is a bounded transaction of its own."""
 
-    # 1. mark, and list the candidates, from one snapshot
-    dead_chunks: list[tuple[bytes, int]] = []
-    dead_objects: list[tuple[bytes, int]] = []
-    dead_index: list[bytes] = []
-    reencode: list[tuple[int, bytes]] = []
-    bad: dict[bytes, CoralError] = {}
-    with repo.store.read() as t:
-        marker.mark_roots(t)
-        for oid, size, _ in t.scan("objects", 0):
-            stats.objects_total += 1
-            if oid not in marker.objects:
-                dead_objects.append((oid, size))
-        for cid, size, h in Headers(t).scan(bad):  # record headers only
-            stats.chunks_total += 1
-            if cid not in marker.chunks:
-                dead_chunks.append((cid, size))
-                continue
-            if h is None:
-                stats.problems.append(f"reachable chunk {cid.hex()[:16]} has a bad header: {bad[cid]}")
-                continue
-            if any(b not in marker.chunks for b in h.bases):
-                reencode.append((h.depth, cid))
-        for key, v in t.items("index"):
-            if not _index_live(key, v, marker):
-                dead_index.append(key)
-    stats.commits = marker.commits
-    say(f"marked {marker.commits} commits, {len(marker.objects)} objects, {len(marker.chunks)} chunks")
-    _hook("mark")
+    def __init__(self, repo: Repository, dry_run: bool, grace: float, batch_keys: int, batch_bytes: int,
+                 log: Callable[[str], None] | None) -> None:
+        self.repo = repo
+        self.grace_seconds = grace
+        self.batch_keys = batch_keys
+        self.batch_bytes = batch_bytes
+        self.say = log or (lambda _m: None)
+        self.stats = GcStats(dry_run=dry_run)
+        self.marker = Marker(repo)
+        # the candidates, listed from the mark's snapshot (nothing created after it is swept)
+        self.dead_chunks: list[tuple[bytes, int]] = []
+        self.dead_objects: list[tuple[bytes, int]] = []
+        self.dead_index: list[bytes] = []
+        self.orphans: list[bytes] = []  # live chunks naming a dead base, by delta depth
+        self.needed: set[bytes] = set()  # dead chunks in the base chains of the orphans
 
-    reencode.sort()
-    if dry_run:
-        stats.reencoded = len(reencode)
-        stats.index_swept = len(dead_index)
-        stats.objects_swept = len(dead_objects)
-        stats.object_bytes_swept = sum(n for _, n in dead_objects)
-        stats.chunks_swept = len(dead_chunks)
-        stats.chunk_bytes_swept = sum(n for _, n in dead_chunks)
-    else:
-        # 2. sweep what nothing needs: dead index entries (first: a cache entry must never
-        #    outlive what it names), objects, and dead chunks that are no base of a live one
-        needed = _dead_bases(repo, marker, [cid for _, cid in reencode])
-        _sweep(repo, marker, "index", [(k, 0) for k in dead_index], stats, batch_keys, "sweep-index")
-        _sweep(repo, marker, "objects", dead_objects, stats, batch_keys, "sweep-objects")
-        _sweep(repo, marker, "chunks", [c for c in dead_chunks if c[0] not in needed], stats, batch_keys,
-               "sweep-chunks")
+    def run(self) -> GcStats:
+        stats = self.stats
+        info = lmdb_info(self.repo)
+        stats.file_bytes_before, stats.free_pages_before = info["file_bytes"], info["free_pages"]
+        self.mark()
+        if stats.dry_run:
+            self.count()
+        else:
+            self.sweep()
+            if self.orphans:
+                self.reencode()
+                self.grace()
+            self.sweep_bases()
+        stats.objects_live = len(self.marker.objects)
+        stats.chunks_live = len(self.marker.chunks)
+        info = lmdb_info(self.repo)
+        stats.file_bytes_after, stats.free_pages_after = info["file_bytes"], info["free_pages"]
+        _hook("done")
+        return stats
+
+    # 1. ---------------------------------------------------------------- mark
+    def mark(self) -> None:
+        """Mark, and list the candidates, from one snapshot."""
+        stats, marker = self.stats, self.marker
+        orphans: list[tuple[int, bytes]] = []
+        bad: dict[bytes, CoralError] = {}
+        with self.repo.store.read() as t:
+            marker.mark_roots(t)
+            for oid, size, _ in t.scan("objects", 0):
+                stats.objects_total += 1
+                if oid not in marker.objects:
+                    self.dead_objects.append((oid, size))
+            for cid, size, h in Headers(t).scan(bad):  # record headers only
+                stats.chunks_total += 1
+                if cid not in marker.chunks:
+                    self.dead_chunks.append((cid, size))
+                    continue
+                if h is None:
+                    stats.problems.append(f"reachable chunk {cid.hex()[:16]} has a bad header: {bad[cid]}")
+                    continue
+                if any(b not in marker.chunks for b in h.bases):
+                    orphans.append((h.depth, cid))
+            for key, v in t.items("index"):
+                if not _index_live(key, v, marker):
+                    self.dead_index.append(key)
+        stats.commits = marker.commits
+        self.say(f"marked {marker.commits} commits, {len(marker.objects)} objects, {len(marker.chunks)} chunks")
+        _hook("mark")
+        self.orphans = [cid for _, cid in sorted(orphans)]
+
+    def count(self) -> None:
+        """A dry run: what the phases below would do."""
+        stats = self.stats
+        stats.reencoded = len(self.orphans)
+        stats.index_swept = len(self.dead_index)
+        stats.objects_swept = len(self.dead_objects)
+        stats.object_bytes_swept = sum(n for _, n in self.dead_objects)
+        stats.chunks_swept = len(self.dead_chunks)
+        stats.chunk_bytes_swept = sum(n for _, n in self.dead_chunks)
+
+    # 2. ---------------------------------------------------------------- sweep
+    def sweep(self) -> None:
+        """Sweep what nothing needs: dead index entries (first: a cache entry must never outlive
+        what it names), objects, and dead chunks that are no base of a live one."""
+        self.needed = self._dead_bases(self.orphans)
+        self._sweep("index", [(k, 0) for k in self.dead_index], "sweep-index")
+        self._sweep("objects", self.dead_objects, "sweep-objects")
+        self._sweep("chunks", [c for c in self.dead_chunks if c[0] not in self.needed], "sweep-chunks")
         # LMDB reuses the pages a transaction freed only from the transaction after the next
         # one: this small write (the gc record in config) makes the pages just freed usable
-        _note(repo, {"state": "reencode", "time": time.time()})
-        # 3. re-encode live chunks whose bases are dead (reuses the pages just freed)
-        if reencode:
-            _reencode(repo, marker, [cid for _, cid in reencode], stats, batch_bytes, say)
-            # 4. a reader that fetched an old record just before its re-encode still finds its base
-            if stats.reencoded and grace > 0:
-                time.sleep(grace)
-            _hook("grace")
-        # 5. sweep the old bases
-        _sweep(repo, marker, "chunks", [c for c in dead_chunks if c[0] in needed], stats, batch_keys,
-               "sweep-bases")
-        _note(repo, {"state": "done", "time": time.time(), "chunks_swept": stats.chunks_swept,
-                     "objects_swept": stats.objects_swept, "bytes_freed": stats.bytes_freed})
-    stats.objects_live = len(marker.objects)
-    stats.chunks_live = len(marker.chunks)
-    info = lmdb_info(repo)
-    stats.file_bytes_after, stats.free_pages_after = info["file_bytes"], info["free_pages"]
-    _hook("done")
-    return stats
+        self._note({"state": "reencode", "time": time.time()})
+
+    def _dead_bases(self, live: list[bytes]) -> set[bytes]:
+        """Dead chunks in the (transitive) base chains of ``live`` chunks."""
+        marker = self.marker
+
+        def dead(h: records.RecordHeader) -> list[bytes]:  # a live base is itself live or re-encoded: stop there
+            return [b for b in h.bases if b not in marker.chunks]
+
+        return {b for _, h, _ in Headers(store=self.repo.store).walk(live, dead, skip_bad=True) for b in dead(h)}
+
+    def _sweep(self, db: str, keys: list[tuple[bytes, int]], phase: str) -> None:
+        marker, stats = self.marker, self.stats
+        for i in range(0, len(keys), self.batch_keys):
+            part = keys[i : i + self.batch_keys]
+
+            def fn(t: Txn, part: list[tuple[bytes, int]] = part) -> tuple[int, int, int]:
+                remarked = 0
+                ids, fp = Marker.roots(t)
+                if fp != marker.fingerprint:  # a ref moved or a stage entry appeared since the mark
+                    new = marker.mark(t, ids)
+                    marker.fingerprint = fp
+                    marker.keep_bases(t, new)
+                    remarked = 1
+                n = nbytes = 0
+                for key, size in part:
+                    if db == "index":
+                        v = t.get("index", key)
+                        if v is None or _index_live(key, v, marker):
+                            continue
+                    elif key in (marker.objects if db == "objects" else marker.chunks):
+                        continue
+                    if t.delete(db, key):
+                        n += 1
+                        nbytes += size
+                return n, nbytes, remarked
+
+            n, nbytes, remarked = self.repo.store.write(fn)
+            stats.remarks += remarked
+            if db == "index":
+                stats.index_swept += n
+            elif db == "objects":
+                stats.objects_swept += n
+                stats.object_bytes_swept += nbytes
+            else:
+                stats.chunks_swept += n
+                stats.chunk_bytes_swept += nbytes
+            _hook(phase)
+
+    def _note(self, state: dict[str, Any]) -> None:
+        """Record gc progress in ``config`` under ``b"gc"`` (informational)."""
+        self.repo.store.write(lambda t: t.put("config", b"gc", json.dumps(state).encode()))
+
+    # 3. ---------------------------------------------------------------- re-encode
+    def reencode(self) -> None:
+        """Re-encode the orphans (in order of depth) so that no reachable chunk names a dead
+        base (reuses the pages just freed)."""
+        stats = self.stats
+        enc = _Reencoder(self.repo, self.marker)
+        batch: list[tuple[bytes, bytes]] = []
+        size = 0
+        failed: list[bytes] = []
+        for cid in self.orphans:
+            try:
+                old, rec, h = enc.encode(cid)
+            except CoralError as e:
+                stats.problems.append(f"chunk {cid.hex()[:16]} could not be re-encoded ({e}); its bases are kept")
+                failed.append(cid)
+                continue
+            stats.reencoded += 1
+            stats.keyframes += 0 if h.bases else 1
+            stats.reencode_bytes_before += len(old)
+            stats.reencode_bytes_after += len(rec)
+            batch.append((cid, rec))
+            size += len(rec)
+            if size >= self.batch_bytes:
+                self._write_records(batch)
+                batch, size = [], 0
+        self._write_records(batch)
+        if failed:
+            with self.repo.store.read() as t:
+                stats.kept_bases += self.marker.keep_bases(t, failed)
+        self.say(f"re-encoded {stats.reencoded} chunks ({stats.keyframes} as keyframes)")
+
+    def _write_records(self, items: list[tuple[bytes, bytes]]) -> None:
+        if not items:
+            return
+
+        def fn(t: Txn) -> None:
+            for cid, rec in items:
+                t.put("chunks", cid, rec)
+
+        self.repo.store.write(fn)
+        _hook("reencode")
+
+    # 4. ---------------------------------------------------------------- grace
+    def grace(self) -> None:
+        """A reader that fetched an old record just before its re-encode still finds its base."""
+        if self.stats.reencoded and self.grace_seconds > 0:
+            time.sleep(self.grace_seconds)
+        _hook("grace")
+
+    # 5. ---------------------------------------------------------------- sweep the old bases
+    def sweep_bases(self) -> None:
+        self._sweep("chunks", [c for c in self.dead_chunks if c[0] in self.needed], "sweep-bases")
+        stats = self.stats
+        self._note({"state": "done", "time": time.time(), "chunks_swept": stats.chunks_swept,
+                    "objects_swept": stats.objects_swept, "bytes_freed": stats.bytes_freed})
 
 
-def _note(repo: Repository, state: dict[str, Any]) -> None:
-    """Record gc progress in ``config`` under ``b"gc"`` (informational)."""
-    repo.store.write(lambda t: t.put("config", b"gc", json.dumps(state).encode()))
+class _Reencoder:
+    """Re-encodes one live chunk at a time against its nearest live ancestor (or as a keyframe),
+    verified against its id; remembers the headers it made (``headers.known``)."""
 
+    def __init__(self, repo: Repository, marker: Marker) -> None:
+        self.marker = marker
+        self.max_depth = int(getattr(repo.ingestor, "max_depth", 8))
+        self.vstore = ObjectStore(repo.store, cache_bytes=128 << 20)
+        self.headers = Headers(store=repo.store)  # and the records re-encoded so far (``known``)
 
-def _dead_bases(repo: Repository, marker: Marker, live: list[bytes]) -> set[bytes]:
-    """Dead chunks in the (transitive) base chains of ``live`` chunks."""
-    def dead(h: records.RecordHeader) -> list[bytes]:  # a live base is itself live or re-encoded: stop there
-        return [b for b in h.bases if b not in marker.chunks]
+    def live_ancestor(self, start: bytes) -> tuple[bytes, records.RecordHeader] | None:
+        """The nearest live chunk down ``start``'s chain of first bases (``start`` included)."""
+        for cid, h, _ in self.headers.chain(start, limit=64):
+            if cid in self.marker.chunks:
+                return cid, h
+        return None
 
-    return {b for _, h, _ in Headers(store=repo.store).walk(live, dead, skip_bad=True) for b in dead(h)}
+    def encode(self, cid: bytes) -> tuple[bytes, bytes, records.RecordHeader]:
+        """``(old record, new record, its header)`` of ``cid``; the new one names only live bases
+        and decodes to the chunk (``IntegrityError`` otherwise)."""
+        vstore, marker = self.vstore, self.marker
+        old = vstore.chunk_record(cid)
+        h = records.parse_header(old)
+        raw = vstore.get_chunk(cid)  # verified against the id, through the old chain
+        base: tuple[bytes, bytes] | None = None
+        base2: tuple[bytes, bytes] | None = None
+        base_depth = 0
+        found = self.live_ancestor(h.bases[0]) if h.bases else None
+        if found is not None:
+            anc, ha = found
+            if ha.depth + 1 <= self.max_depth:
+                base = (anc, vstore.get_chunk(anc))
+                base_depth = ha.depth
+                if ha.bases and ha.depth >= 1 and ha.bases[0] in marker.chunks:
+                    base2 = (ha.bases[0], vstore.get_chunk(ha.bases[0]))
+        rec = records.encode_tensor(raw, h.width, base, base2, base_depth) if base else \
+            records.encode_tensor(raw, h.width)
+        nh = records.parse_header(rec)
+        known = {b[0]: b[1] for b in (base, base2) if b is not None}
+        if any(b not in marker.chunks or b not in known for b in nh.bases):
+            raise IntegrityError("re-encoded record names an unexpected base")
+        if digest(records.decode(rec, known.__getitem__)) != cid:
+            raise IntegrityError("re-encoded record does not decode to the chunk")
+        self.headers.known[cid] = (nh, len(rec))
+        return old, rec, nh
 
 
 def _index_live(key: bytes, value: bytes, marker: Marker) -> bool:
@@ -389,121 +547,6 @@ def _index_live(key: bytes, value: bytes, marker: Marker) -> bool:
         except (ValueError, AttributeError):
             return False  # a cache entry nobody can use
     return True
-
-
-def _reencode(repo: Repository, marker: Marker, todo: list[bytes], stats: GcStats, batch_bytes: int,
-              say: Callable[[str], None]) -> None:
-    """Re-encode ``todo`` (sorted by depth) so that no reachable chunk names a dead base."""
-    max_depth = int(getattr(repo.ingestor, "max_depth", 8))
-    vstore = ObjectStore(repo.store, cache_bytes=128 << 20)
-    headers = Headers(store=repo.store)  # and the records re-encoded so far (``known``)
-
-    def live_ancestor(start: bytes) -> tuple[bytes, records.RecordHeader] | None:
-        """The nearest live chunk down ``start``'s chain of first bases (``start`` included)."""
-        for cid, h, _ in headers.chain(start, limit=64):
-            if cid in marker.chunks:
-                return cid, h
-        return None
-
-    batch: list[tuple[bytes, bytes]] = []
-    size = 0
-
-    def flush() -> None:
-        nonlocal batch, size
-        if not batch:
-            return
-        items = batch
-
-        def fn(t: Txn) -> None:
-            for cid, rec in items:
-                t.put("chunks", cid, rec)
-
-        repo.store.write(fn)
-        batch, size = [], 0
-        _hook("reencode")
-
-    failed: list[bytes] = []
-    for cid in todo:
-        try:
-            old = vstore.chunk_record(cid)
-            h = records.parse_header(old)
-            raw = vstore.get_chunk(cid)  # verified against the id, through the old chain
-            base: tuple[bytes, bytes] | None = None
-            base2: tuple[bytes, bytes] | None = None
-            base_depth = 0
-            found = live_ancestor(h.bases[0]) if h.bases else None
-            if found is not None:
-                anc, ha = found
-                if ha.depth + 1 <= max_depth:
-                    base = (anc, vstore.get_chunk(anc))
-                    base_depth = ha.depth
-                    if ha.bases and ha.depth >= 1 and ha.bases[0] in marker.chunks:
-                        base2 = (ha.bases[0], vstore.get_chunk(ha.bases[0]))
-            rec = records.encode_tensor(raw, h.width, base, base2, base_depth) if base else \
-                records.encode_tensor(raw, h.width)
-            nh = records.parse_header(rec)
-            known = {b[0]: b[1] for b in (base, base2) if b is not None}
-            if any(b not in marker.chunks or b not in known for b in nh.bases):
-                raise IntegrityError("re-encoded record names an unexpected base")
-            if digest(records.decode(rec, known.__getitem__)) != cid:
-                raise IntegrityError("re-encoded record does not decode to the chunk")
-        except CoralError as e:
-            stats.problems.append(f"chunk {cid.hex()[:16]} could not be re-encoded ({e}); its bases are kept")
-            failed.append(cid)
-            continue
-        headers.known[cid] = (nh, len(rec))
-        stats.reencoded += 1
-        stats.keyframes += 0 if nh.bases else 1
-        stats.reencode_bytes_before += len(old)
-        stats.reencode_bytes_after += len(rec)
-        batch.append((cid, rec))
-        size += len(rec)
-        if size >= batch_bytes:
-            flush()
-    flush()
-    if failed:
-        with repo.store.read() as t:
-            stats.kept_bases += marker.keep_bases(t, failed)
-    say(f"re-encoded {stats.reencoded} chunks ({stats.keyframes} as keyframes)")
-
-
-def _sweep(repo: Repository, marker: Marker, db: str, keys: list[tuple[bytes, int]], stats: GcStats,
-           batch_keys: int, phase: str) -> None:
-    for i in range(0, len(keys), batch_keys):
-        part = keys[i : i + batch_keys]
-
-        def fn(t: Txn, part: list[tuple[bytes, int]] = part) -> tuple[int, int, int]:
-            remarked = 0
-            ids, fp = Marker.roots(t)
-            if fp != marker.fingerprint:  # a ref moved or a stage entry appeared since the mark
-                new = marker.mark(t, ids)
-                marker.fingerprint = fp
-                marker.keep_bases(t, new)
-                remarked = 1
-            n = nbytes = 0
-            for key, size in part:
-                if db == "index":
-                    v = t.get("index", key)
-                    if v is None or _index_live(key, v, marker):
-                        continue
-                elif key in (marker.objects if db == "objects" else marker.chunks):
-                    continue
-                if t.delete(db, key):
-                    n += 1
-                    nbytes += size
-            return n, nbytes, remarked
-
-        n, nbytes, remarked = repo.store.write(fn)
-        stats.remarks += remarked
-        if db == "index":
-            stats.index_swept += n
-        elif db == "objects":
-            stats.objects_swept += n
-            stats.object_bytes_swept += nbytes
-        else:
-            stats.chunks_swept += n
-            stats.chunk_bytes_swept += nbytes
-        _hook(phase)
 
 
 # ------------------------------------------------------------------ compact

@@ -457,85 +457,125 @@ class Ingestor:
 
     def _ingest(self, view: memoryview, name: str, prev: Manifest | None, progress: Progress | None,
                 written: Written) -> tuple[bytes, Manifest, IngestStats]:
-        size = len(view)
-        fmt, regions = split(view, name)
-        prev_tensors = prev.tensors() if prev is not None else {}
-        stats = IngestStats(logical=size)
-        segments: list[Segment] = []
-        seen: set[bytes] = set()
-        batch: list[tuple[bytes, bytes]] = []
-        demotions: list[tuple[bytes, bytes]] = []
-        batch_bytes = 0
-        pending: deque[tuple[bytes, Future[tuple[bytes, bytes | None]]]] = deque()
-        index_updates: dict[bytes, bytes] = {}
+        return _Ingest(self, view, name, prev, progress, written).run()
 
-        def flush() -> None:
-            nonlocal batch, demotions, batch_bytes
-            if batch:
-                written.add(*self.ostore.store.write(lambda t: self._write(t, batch, demotions)))
-                batch, demotions, batch_bytes = [], [], 0
 
-        def drain(limit: int) -> None:
-            nonlocal batch_bytes
-            while len(pending) > limit:
-                cid, fut = pending.popleft()
-                rec, prev = fut.result()
-                h = records.parse_header(rec)
-                stats.by_codec[h.codec_name] = stats.by_codec.get(h.codec_name, 0) + len(rec)
-                stats.delta_chunks += 1 if h.bases else 0
-                stats.stored += len(rec)
-                batch.append((cid, rec))
-                batch_bytes += len(rec)
-                if prev is not None:
-                    demotions.append((cid, prev))
-                    stats.pending += 1
-                if batch_bytes >= BATCH_BYTES:
-                    flush()
+def _bytes_job(raw: memoryview) -> tuple[bytes, bytes | None]:
+    return records.encode_bytes(raw), None
 
-        with ThreadPoolExecutor(self.threads) as pool:
-            for r in regions:
-                pieces: list[Piece] = []
-                if r.kind == "bytes" and r.end - r.start <= INLINE_MAX:
-                    pieces.append(Piece(r.end - r.start, None, bytes(view[r.start : r.end])))
-                else:
-                    cuts = self._tensor_pieces(r) if r.kind == "tensor" else self._bytes_pieces(view, r)
-                    for i, (s, e) in enumerate(cuts):
-                        raw = view[s:e]
-                        cid = digest(raw)
-                        if progress is not None:
-                            progress(s, size)
-                        pieces.append(Piece(e - s, cid))
-                        stats.chunks += 1
-                        if r.kind == "tensor":
-                            index_updates[tensor_index_key(r.dtype, r.name, i)] = cid
-                        if cid in seen:
-                            stats.dedup_chunks += 1
-                            continue
-                        seen.add(cid)
-                        with self.ostore.store.read() as t:
-                            if t.has("chunks", cid):
-                                stats.dedup_chunks += 1
-                                continue
-                            base = self._base_for(t, r, i, prev_tensors) if r.kind == "tensor" else None
-                        stats.new_chunks += 1
-                        if r.kind == "tensor":
-                            fut = pool.submit(self._tensor_job, raw, r.width, cid, base)
-                        else:
-                            fut = pool.submit(lambda raw=raw: (records.encode_bytes(raw), None))
-                        pending.append((cid, fut))
-                        drain(self.threads * 2)
-                segments.append(Segment(r.kind, tuple(pieces), r.name, r.dtype, r.width, r.shape))
-            drain(0)
-        if progress is not None:
-            progress(size, size)
-        manifest = Manifest(size, digest(view), fmt, tuple(segments))
-        if sum(s.length for s in segments) != size:
+
+class _Ingest:
+    """One file's ingest, in named steps: ``run`` splits the file and builds each region's
+    ``segment``; a new ``piece`` is ``submit``-ted for encoding on the pool (at most a few in
+    flight: ``drain``), its record joins a batch written when it reaches ``BATCH_BYTES``
+    (``flush``); ``finish`` writes the last batch, the tensor base index and the manifest in
+    one transaction. ``written`` is the ingest's journal (see ``Written``)."""
+
+    def __init__(self, ing: Ingestor, view: memoryview, name: str, prev: Manifest | None,
+                 progress: Progress | None, written: Written) -> None:
+        self.ing = ing
+        self.view = view
+        self.name = name
+        self.size = len(view)
+        self.prev_tensors = prev.tensors() if prev is not None else {}
+        self.progress = progress
+        self.written = written
+        self.stats = IngestStats(logical=self.size)
+        self.seen: set[bytes] = set()  # chunks of this file met so far
+        self.batch: list[tuple[bytes, bytes]] = []  # (chunk id, record) not written yet
+        self.demotions: list[tuple[bytes, bytes]] = []  # (new, previous) queued with the batch
+        self.batch_bytes = 0
+        self.pending: deque[tuple[bytes, Future[tuple[bytes, bytes | None]]]] = deque()
+        self.index_updates: dict[bytes, bytes] = {}  # tensor base index: latest chunk of each piece
+        self.pool: ThreadPoolExecutor | None = None
+
+    def run(self) -> tuple[bytes, Manifest, IngestStats]:
+        fmt, regions = split(self.view, self.name)
+        with ThreadPoolExecutor(self.ing.threads) as self.pool:
+            segments = [self.segment(r) for r in regions]
+            self.drain(0)
+        if self.progress is not None:
+            self.progress(self.size, self.size)
+        manifest = Manifest(self.size, digest(self.view), fmt, tuple(segments))
+        if sum(s.length for s in segments) != self.size:
             raise CoralError("internal error: segments do not cover the file")
-        tail, tail_demotions = batch, demotions
+        return self.finish(manifest)
 
-        def finish(t: Txn) -> tuple[bytes, bool, list[bytes], list[bytes]]:
-            # the last chunks, the tensor base index and the manifest: one transaction (one fsync)
-            chunks, keys = self._write(t, tail, tail_demotions)
+    def segment(self, r: Region) -> Segment:
+        """A region's segment: one inline piece (small bytes), or its cuts as chunks."""
+        view = self.view
+        pieces: list[Piece] = []
+        if r.kind == "bytes" and r.end - r.start <= INLINE_MAX:
+            pieces.append(Piece(r.end - r.start, None, bytes(view[r.start : r.end])))
+        else:
+            cuts = self.ing._tensor_pieces(r) if r.kind == "tensor" else self.ing._bytes_pieces(view, r)
+            for i, (s, e) in enumerate(cuts):
+                pieces.append(self.piece(r, i, s, e))
+        return Segment(r.kind, tuple(pieces), r.name, r.dtype, r.width, r.shape)
+
+    def piece(self, r: Region, i: int, s: int, e: int) -> Piece:
+        """Piece ``i`` of region ``r``, bytes ``[s, e)`` of the file: deduplicated, or submitted."""
+        raw = self.view[s:e]
+        cid = digest(raw)
+        if self.progress is not None:
+            self.progress(s, self.size)
+        self.stats.chunks += 1
+        if r.kind == "tensor":
+            self.index_updates[tensor_index_key(r.dtype, r.name, i)] = cid
+        if cid in self.seen:
+            self.stats.dedup_chunks += 1
+        else:
+            self.seen.add(cid)
+            self.submit(r, i, raw, cid)
+        return Piece(e - s, cid)
+
+    def submit(self, r: Region, i: int, raw: memoryview, cid: bytes) -> None:
+        """Encode a piece on the pool unless the store has it (its base is chosen now)."""
+        with self.ing.ostore.store.read() as t:
+            if t.has("chunks", cid):
+                self.stats.dedup_chunks += 1
+                return
+            base = self.ing._base_for(t, r, i, self.prev_tensors) if r.kind == "tensor" else None
+        self.stats.new_chunks += 1
+        assert self.pool is not None
+        if r.kind == "tensor":
+            fut = self.pool.submit(self.ing._tensor_job, raw, r.width, cid, base)
+        else:
+            fut = self.pool.submit(_bytes_job, raw)
+        self.pending.append((cid, fut))
+        self.drain(self.ing.threads * 2)
+
+    def drain(self, limit: int) -> None:
+        """Take finished records (oldest first) until at most ``limit`` are in flight."""
+        stats = self.stats
+        while len(self.pending) > limit:
+            cid, fut = self.pending.popleft()
+            rec, prev = fut.result()
+            h = records.parse_header(rec)
+            stats.by_codec[h.codec_name] = stats.by_codec.get(h.codec_name, 0) + len(rec)
+            stats.delta_chunks += 1 if h.bases else 0
+            stats.stored += len(rec)
+            self.batch.append((cid, rec))
+            self.batch_bytes += len(rec)
+            if prev is not None:
+                self.demotions.append((cid, prev))
+                stats.pending += 1
+            if self.batch_bytes >= BATCH_BYTES:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the batch (and the demotions it queues) in one transaction."""
+        if self.batch:
+            batch, demotions = self.batch, self.demotions
+            self.written.add(*self.ing.ostore.store.write(lambda t: Ingestor._write(t, batch, demotions)))
+            self.batch, self.demotions, self.batch_bytes = [], [], 0
+
+    def finish(self, manifest: Manifest) -> tuple[bytes, Manifest, IngestStats]:
+        """The last chunks, the tensor base index and the manifest: one transaction (one fsync)."""
+        tail, tail_demotions, index_updates = self.batch, self.demotions, self.index_updates
+
+        def fn(t: Txn) -> tuple[bytes, bool, list[bytes], list[bytes]]:
+            chunks, keys = Ingestor._write(t, tail, tail_demotions)
             for k, v in index_updates.items():
                 t.put("index", k, v)
             data = manifest.serialize()
@@ -543,6 +583,6 @@ class Ingestor:
             new = t.put("objects", mid, data, overwrite=False)  # ObjectStore.put_object, telling if it is new
             return mid, new, chunks, keys + list(index_updates)
 
-        mid, new_manifest, chunks, keys = self.ostore.store.write(finish)
-        written.add(chunks, keys, [mid] if new_manifest else [])
-        return mid, manifest, stats
+        mid, new_manifest, chunks, keys = self.ing.ostore.store.write(fn)
+        self.written.add(chunks, keys, [mid] if new_manifest else [])
+        return mid, manifest, self.stats

@@ -16,13 +16,3 @@ def hasher() -> blake3.blake3:
     """An incremental hasher (``update``/``digest``)."""
     return blake3.blake3()
 
-
-def to_hex(oid: bytes) -> str:
-    return oid.hex()
-
-
-def from_hex(text: str) -> bytes:
-    oid = bytes.fromhex(text)
-    if len(oid) != ID_LEN:
-        raise ValueError(f"not a {ID_LEN}-byte id: {text!r}")
-    return oid

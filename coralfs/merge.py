@@ -178,26 +178,14 @@ class MergeResult:
 
 
 # ------------------------------------------------------------------ commit DAG
-def ancestors(repo: Repository, cid: bytes) -> set[bytes]:
-    """``cid`` and every commit reachable from it."""
-    seen = {cid}
-    stack = [cid]
-    while stack:
-        for p in repo.get_commit(stack.pop()).parents:
-            if p not in seen:
-                seen.add(p)
-                stack.append(p)
-    return seen
-
-
 def is_ancestor(repo: Repository, a: bytes, b: bytes) -> bool:
     """True if ``a`` is ``b`` or reachable from ``b``."""
-    return a in ancestors(repo, b)
+    return a in repo.ancestors([b])
 
 
 def merge_bases(repo: Repository, a: bytes, b: bytes) -> list[bytes]:
     """The best common ancestors of ``a`` and ``b``: common ancestors that are not ancestors of another one."""
-    common = ancestors(repo, a) & ancestors(repo, b)
+    common = repo.ancestors([a]) & repo.ancestors([b])
     redundant: set[bytes] = set()
     stack = [p for c in common for p in repo.get_commit(c).parents]
     while stack:
@@ -851,7 +839,7 @@ def merge(repo: Repository, theirs: str | bytes, branch: str | None = None, opti
     theirs_id = theirs if isinstance(theirs, bytes) else repo.resolve(theirs)
     if update_worktree:
         require_clean(repo, branch)
-    ours_anc = ancestors(repo, ours_id)
+    ours_anc = repo.ancestors([ours_id])
     if theirs_id in ours_anc:
         return MergeResult("up-to-date", branch, ours_id, theirs_id, theirs_id, ours_id)
     base = merge_base(repo, ours_id, theirs_id)

@@ -14,7 +14,8 @@ that bounds the chains hanging below it. P stays whole when
   short. Measured on the 12-version series (bench/RESULTS.md, third session): with the
   first version weighted 5x, the oldest scratch_pt version decodes 88 MB of records
   instead of 98 (the newest: 69), fp32 fine-tune storage unchanged (350.0 MB); 7x: 81 MB
-  but fp32 354.5 MB; 10x: 70 MB but 362.1 MB (issue 3's fp32 target lost);
+  but fp32 354.5 MB; 10x: 70 MB but 362.1 MB (fp32 fine-tunes would no longer be stored
+  in 1.3x fewer bytes than the best lossless peer, the target in bench/HISTORY.md);
 * the chain below it would pass ``REVERSE_MAX_BELOW`` deltas, or its deltas would hold
   more than ``LOAD_BUDGET`` times the piece's bytes (hard bounds on any read);
 * the delta is not smaller than ``KEEP_RATIO`` of P's record (not worth a slower read);

@@ -1,9 +1,9 @@
 """Compiled inner loops for the tensor codec (numba), with the numpy code as the fallback.
 
-``tensorcodec`` spends most of a decode interleaving byte planes back into elements and
-undoing the delta (``body[:, k] = plane`` is a strided byte copy numpy does one byte at a
-time, then two or three more passes over the chunk), and most of an encode doing the
-reverse. These loops do each job in one or two vectorized passes and release the GIL, so
+The tensor codec (``coralfs.codec.tensor``) spends most of a decode interleaving byte
+planes back into elements and undoing the delta (``body[:, k] = plane`` is a strided byte
+copy numpy does one byte at a time, then two or three more passes over the chunk), and
+most of an encode doing the reverse. These loops do each job in one or two vectorized passes and release the GIL, so
 the read-ahead threads decode on both cores. They are integer-only, like the numpy code
 they replace, and tests check both produce the same bytes for every codec, width, flag and
 base length (``tests/test_kernels.py``).
@@ -29,7 +29,7 @@ _lock = threading.Lock()
 _done = threading.Event()
 _loaded: Any = None  # None: not tried; False: unavailable; else the namespace of kernels
 
-# op codes shared with tensorcodec (a plane codec's inverse)
+# op codes of a plane codec's inverse (each plane codec of coralfs.codec.tensor names its own: kernel_op)
 OP_NONE = 0  # PLANES
 OP_XOR = 1
 OP_SUB = 2

@@ -19,7 +19,6 @@ import zstandard
 
 from coralfs.codec.tensor import zstd_compressor, zstd_decompressor
 from coralfs.errors import FormatError, InvalidPath, NameTooLong
-from coralfs.hashing import digest
 
 MAGIC = b"CRO"
 VERSION = 1
@@ -299,6 +298,3 @@ def deserialize(data: bytes) -> Object:
     except (KeyError, TypeError, ValueError) as e:
         raise FormatError(f"malformed {_TYPE_NAMES[type_]} object: {e}") from e
 
-
-def object_id(data: bytes) -> bytes:
-    return digest(data)

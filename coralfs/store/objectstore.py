@@ -149,12 +149,6 @@ class ObjectStore:
         self._io: ThreadPoolExecutor | None = None
 
     # -- chunks ---------------------------------------------------------------
-    def has_chunk(self, cid: bytes, txn: Txn | None = None) -> bool:
-        if txn is not None:
-            return txn.has("chunks", cid)
-        with self.store.read() as t:
-            return t.has("chunks", cid)
-
     def chunk_record(self, cid: bytes) -> bytes:
         with self.store.read() as t:
             v = t.get("chunks", cid)
@@ -327,19 +321,6 @@ class ObjectStore:
                 raise MissingObject(f"chunk {cid.hex()} is missing")
             data = memo[cid] = records.decode(record, lambda b: self._base(b, depth + 1, memo), as_array=True)
         return data
-
-    def put_records(self, items: Iterable[tuple[bytes, bytes]]) -> int:
-        """Store ``(chunk_id, record)`` pairs not yet present, in one transaction; returns bytes written."""
-        items = list(items)
-
-        def fn(t: Txn) -> int:
-            n = 0
-            for cid, rec in items:
-                if t.put("chunks", cid, rec, overwrite=False):
-                    n += len(rec)
-            return n
-
-        return self.store.write(fn) if items else 0
 
     # -- objects --------------------------------------------------------------
     def get_object(self, oid: bytes, txn: Txn | None = None) -> Object:

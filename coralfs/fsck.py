@@ -33,12 +33,16 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from coralfs.errors import CoralError, MissingObject
-from coralfs.gc import COMMIT_INDEX, CONFLICT_PREFIX, PEND_PREFIX, STAT_INDEX, TENSOR_INDEX, GcAborted, gc
+from coralfs.gc import GcAborted, gc
 from coralfs.hashing import ID_LEN, digest, hasher
-from coralfs.ingest import PENDING_PREFIX as DEMOTION_PREFIX
 from coralfs.reader import FileView
-from coralfs.repack import BELOW_PREFIX
 from coralfs.store import keys, refs
+from coralfs.store.keys import BELOW as BELOW_PREFIX
+from coralfs.store.keys import COMMIT_INDEX, TENSOR_INDEX
+from coralfs.store.keys import CONFLICTS as CONFLICT_PREFIX
+from coralfs.store.keys import DEMOTIONS as DEMOTION_PREFIX
+from coralfs.store.keys import PENDING as PEND_PREFIX
+from coralfs.store.keys import STAT_CACHE as STAT_INDEX
 from coralfs.store.objects import Commit, Manifest, Tag, Tree, deserialize, path_error
 from coralfs.store.objectstore import ObjectStore
 

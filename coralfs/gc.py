@@ -58,9 +58,7 @@ from typing import TYPE_CHECKING, Any
 from coralfs.codec import records
 from coralfs.errors import ConcurrentUpdate, CoralError, IntegrityError
 from coralfs.hashing import ID_LEN, digest, hasher
-from coralfs.ingest import PENDING_PREFIX
-from coralfs.repack import BELOW_PREFIX
-from coralfs.store import refs
+from coralfs.store import keys, refs
 from coralfs.store.lmdb import Txn
 from coralfs.store.objects import Commit, Manifest, Tag, Tree
 from coralfs.store.objectstore import ObjectStore
@@ -68,11 +66,8 @@ from coralfs.store.objectstore import ObjectStore
 if TYPE_CHECKING:
     from coralfs.repository import Repository
 
-PEND_PREFIX = b"pend\x00"
-CONFLICT_PREFIX = b"pend-conflict\x00"  # mount changes refused by a concurrent commit, kept
-COMMIT_INDEX = b"c\x00"
-TENSOR_INDEX = b"tb\x00"
-STAT_INDEX = b"st\x00"
+# the mount's pending entries (until coralfs.mount takes them from coralfs.store.keys)
+PEND_PREFIX, CONFLICT_PREFIX = keys.PENDING, keys.CONFLICTS
 
 #: Test hook: ``CORALFS_GC_KILL_AT=PHASE[:N]`` sends SIGKILL to this process right after the
 #: N-th (default 1st) event of PHASE: mark, sweep-index, sweep-objects, sweep-chunks, reencode,
@@ -168,7 +163,7 @@ class Marker:
                 continue
             if len(v) == ID_LEN:
                 ids.append(v)
-        for db, prefix in (("stage", b""), ("index", PEND_PREFIX), ("index", CONFLICT_PREFIX)):
+        for db, prefix in (("stage", keys.STAGE_PREFIX), ("index", keys.PENDING), ("index", keys.CONFLICTS)):
             for k, v in t.items(db, prefix):
                 h.update(len(k).to_bytes(4, "little") + k + len(v).to_bytes(4, "little") + v)
                 try:
@@ -382,7 +377,7 @@ def _gc_locked(repo: Repository, dry_run: bool, grace: float, batch_keys: int, b
 
 def _note(repo: Repository, state: dict[str, Any]) -> None:
     """Record gc progress in ``config`` under ``b"gc"`` (informational)."""
-    repo.store.write(lambda t: t.put("config", b"gc", json.dumps(state).encode()))
+    repo.store.write(lambda t: t.put("config", keys.GC_NOTE, json.dumps(state).encode()))
 
 
 def _dead_bases(repo: Repository, marker: Marker, live: list[bytes]) -> set[bytes]:
@@ -408,16 +403,16 @@ def _dead_bases(repo: Repository, marker: Marker, live: list[bytes]) -> set[byte
 
 def _index_live(key: bytes, value: bytes, marker: Marker) -> bool:
     """Whether an index entry still points at something live (unknown kinds are kept)."""
-    if key.startswith(COMMIT_INDEX):
-        return key[len(COMMIT_INDEX):] in marker.objects
-    if key.startswith(TENSOR_INDEX):
+    if key.startswith(keys.COMMIT_INDEX):
+        return keys.commit_of(key) in marker.objects
+    if key.startswith(keys.TENSOR_INDEX):
         return value in marker.chunks
-    if key.startswith(PENDING_PREFIX):  # a demotion still to do: both versions must live
-        body = key[len(PENDING_PREFIX) + 8 :]
-        return body[:ID_LEN] in marker.chunks and body[ID_LEN:] in marker.chunks
-    if key.startswith(BELOW_PREFIX):
-        return key[len(BELOW_PREFIX):] in marker.chunks
-    if key.startswith(STAT_INDEX):
+    if key.startswith(keys.DEMOTIONS):  # a demotion still to do: both versions must live
+        new, prev = keys.demotion_chunks(key)
+        return new in marker.chunks and prev in marker.chunks
+    if key.startswith(keys.BELOW):
+        return key[len(keys.BELOW):] in marker.chunks
+    if key.startswith(keys.STAT_CACHE):
         try:
             m = json.loads(value).get("m")
             return m is not None and bytes.fromhex(m) in marker.objects

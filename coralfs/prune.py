@@ -29,14 +29,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from coralfs.errors import ConcurrentUpdate, InvalidArgument, UnknownRevision
-from coralfs.store import refs
+from coralfs.store import keys, refs
 from coralfs.store.objects import Commit
 
 if TYPE_CHECKING:
     from coralfs.repository import Repository
     from coralfs.store.lmdb import Txn
-
-_COMMIT_INDEX = b"c\x00"
 
 
 @dataclass
@@ -149,7 +147,7 @@ def _rewrite(repo: Repository, t: Txn, plan: PrunePlan) -> bytes | None:
         new = Commit(c.tree, ((parent,) if parent else ()) + c.parents[1:], c.author, c.time, c.message,
                      dict(c.metrics), dict(c.meta))
         parent = repo.objects.put_object(t, new)
-        t.put("index", _COMMIT_INDEX + parent, b"")
+        t.put("index", keys.commit_key(parent), b"")
         plan.rewritten += 1
     return parent
 

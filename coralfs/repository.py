@@ -37,10 +37,10 @@ from coralfs.errors import (
     RepositoryExists,
     UnknownRevision,
 )
-from coralfs.ingest import DEFAULT_MAX_DEPTH, PENDING_PREFIX, Ingestor, IngestStats, Progress
+from coralfs.ingest import DEFAULT_MAX_DEPTH, Ingestor, IngestStats, Progress
 from coralfs.reader import FileReader, FileView
 from coralfs.repack import RepackStats, pending_count, repack
-from coralfs.store import refs
+from coralfs.store import keys, refs
 from coralfs.store.lmdb import Store, Txn
 from coralfs.store.locks import gate_for
 from coralfs.store.objects import (
@@ -89,7 +89,7 @@ class Repository:
         self.store = Store(os.path.join(self.control, "store"))
         self.objects = ObjectStore(self.store, cache_bytes)
         with self.store.read() as t:
-            raw = t.get("config", b"config")
+            raw = t.get("config", keys.CONFIG_KEY)
         self.config: dict[str, Any] = json.loads(raw) if raw else {}
         if self.config.get("format", FORMAT_VERSION) > FORMAT_VERSION:
             raise CoralError(f"repository format {self.config['format']} is newer than this coralfs")
@@ -156,7 +156,7 @@ class Repository:
                   "created": time.time()}
 
         def fn(t: Txn) -> None:
-            t.put("config", b"config", json.dumps(config).encode())
+            t.put("config", keys.CONFIG_KEY, json.dumps(config).encode())
             t.put("refs", refs.HEAD, b"ref:" + refs.branch_key(default_branch))
 
         store.write(fn)
@@ -350,7 +350,7 @@ class Repository:
     def commits(self) -> list[bytes]:
         """Every commit id in the repository."""
         with self.store.read() as t:
-            return [k[2:] for k in t.keys("index", b"c\x00")]
+            return [keys.commit_of(k) for k in t.keys("index", keys.COMMIT_INDEX)]
 
     def resolve(self, rev: str) -> bytes:
         """A revision (HEAD, HEAD~2, HEAD^, branch, tag, id prefix) -> commit id."""
@@ -401,7 +401,7 @@ class Repository:
         if _HEX.match(low):
             prefix = bytes.fromhex(low[: len(low) // 2 * 2])
             with self.store.read() as t:
-                found = [k[2:] for k in t.keys("index", b"c\x00" + prefix) if k[2:].hex().startswith(low)]
+                found = [c for c in map(keys.commit_of, t.keys("index", keys.commit_key(prefix))) if c.hex().startswith(low)]
             if len(found) == 1:
                 return found[0]
             if len(found) > 1:
@@ -613,7 +613,7 @@ class Repository:
             c = Commit(tree_id, ((head,) if head else ()) + parents_extra, author, now, message,
                        {k: float(v) for k, v in (metrics or {}).items()}, {k: str(v) for k, v in (meta or {}).items()})
             cid = self.objects.put_object(t, c)
-            t.put("index", b"c\x00" + cid, b"")
+            t.put("index", keys.commit_key(cid), b"")
             t.put("refs", ref_key, cid)
             for k, v in (consumed or {}).items():  # only what we read: a concurrent `add` stays staged
                 if t.get("stage", k) == v:
@@ -712,7 +712,7 @@ class Repository:
                 n_chunks += 1
                 delta += 1 if h.bases else 0
             objects_bytes = sum(len(v) for _, v in t.items("objects"))
-            pending = sum(1 for _ in t.keys("index", PENDING_PREFIX))
+            pending = sum(1 for _ in t.keys("index", keys.DEMOTIONS))
         info = self.store.info()
         stored = stored_chunks + objects_bytes
         return {

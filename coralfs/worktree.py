@@ -64,11 +64,6 @@ CHECKOUT_LOCK = "checkout.lock"
 #: block), ``refs`` (HEAD moved, journal not yet removed).
 KILL_ENV = "CORALFS_CHECKOUT_KILL_AT"
 
-# LMDB keys that carry a path (coralfs.store.keys: fsencode'd, hashed when long)
-STAGE_PREFIX = b""  # the ``stage`` database
-STAT_PREFIX = b"st\x00"  # index: stat cache
-SKIP_PREFIX = b"sw\x00"  # index: skip-worktree
-
 
 @dataclass
 class Status:
@@ -86,25 +81,6 @@ class Status:
     def to_json(self) -> dict[str, Any]:
         return {"branch": self.branch, "head": self.head.hex() if self.head else None, "staged": self.staged,
                 "modified": self.modified, "deleted": self.deleted, "untracked": self.untracked}
-
-
-def _stage_key(path: str) -> bytes:
-    return keys.path_key(STAGE_PREFIX, path)
-
-
-def _stat_key(path: str) -> bytes:
-    return keys.path_key(STAT_PREFIX, path)
-
-
-def _skip_key(path: str) -> bytes:
-    return keys.path_key(SKIP_PREFIX, path)
-
-
-def _path_value(prefix: bytes, key: bytes, path: str, value: dict[str, Any]) -> bytes:
-    """``value`` as JSON, carrying the path when ``key`` is a hashed key (which cannot spell it)."""
-    if keys.is_hashed(prefix, key):
-        value = {**value, keys.VALUE_PATH: path}
-    return json.dumps(value).encode()
 
 
 def _key_path(prefix: bytes, key: bytes, value: bytes) -> str:
@@ -174,8 +150,8 @@ class Worktree:
         changes: dict[str, TreeEntry | None] = {}
         for k, v in staged_raw:
             d = json.loads(v)
-            changes[_key_path(STAGE_PREFIX, k, v)] = (None if d.get("del")
-                                                      else TreeEntry(bytes.fromhex(d["m"]), d["size"], d["mode"]))
+            changes[_key_path(keys.STAGE_PREFIX, k, v)] = (None if d.get("del")
+                                                           else TreeEntry(bytes.fromhex(d["m"]), d["size"], d["mode"]))
         return changes, dict(staged_raw)
 
     def _rel(self, path: str | os.PathLike[str]) -> str:
@@ -191,11 +167,11 @@ class Worktree:
 
     def _staged(self, t: Txn) -> dict[str, dict[str, Any]]:
         """path -> stage entry (a scan of the whole database: long paths have hashed keys)."""
-        return {_key_path(STAGE_PREFIX, k, v): json.loads(v) for k, v in t.items("stage")}
+        return {_key_path(keys.STAGE_PREFIX, k, v): json.loads(v) for k, v in t.items("stage")}
 
     def _index_entry(self, t: Txn, path: str) -> TreeEntry | None:
         """The entry a path has in stage-then-HEAD (what the next commit would hold)."""
-        v = t.get("stage", _stage_key(path))
+        v = t.get("stage", keys.stage_key(path))
         if v is not None:
             d = json.loads(v)
             return None if d.get("del") else TreeEntry(bytes.fromhex(d["m"]), d["size"], d["mode"])
@@ -259,7 +235,7 @@ class Worktree:
             raise UnsafePath(f"{rel}: {e}") from None
         try:
             with self.repo.store.read() as t:
-                cached = t.get("index", _stat_key(rel))
+                cached = t.get("index", keys.stat_key(rel))
                 prev = self._index_entry(t, rel)
             if cached is not None:
                 c = json.loads(cached)
@@ -282,24 +258,24 @@ class Worktree:
                skip_worktree: bool = False) -> None:
         path = check_path(path)
 
-        stage_key, stat_key, skip_key = _stage_key(path), _stat_key(path), _skip_key(path)
+        stage_key, stat_key, skip_key = keys.stage_key(path), keys.stat_key(path), keys.skip_key(path)
 
         def fn(t: Txn) -> None:
             if entry is None:
-                deleted = (_path_value(STAGE_PREFIX, stage_key, path, {"del": True})
-                           if keys.is_hashed(STAGE_PREFIX, stage_key) else b'{"del":true}')
+                deleted = (keys.path_value(keys.STAGE_PREFIX, stage_key, path, {"del": True})
+                           if keys.is_hashed(keys.STAGE_PREFIX, stage_key) else b'{"del":true}')
                 t.put("stage", stage_key, deleted)
                 t.delete("index", stat_key)
                 t.delete("index", skip_key)
                 return
-            t.put("stage", stage_key, _path_value(STAGE_PREFIX, stage_key, path, {
+            t.put("stage", stage_key, keys.path_value(keys.STAGE_PREFIX, stage_key, path, {
                 "m": entry.manifest.hex(), "size": entry.size, "mode": entry.mode}))
             if st is not None:
-                t.put("index", stat_key, _path_value(STAT_PREFIX, stat_key, path,
+                t.put("index", stat_key, keys.path_value(keys.STAT_CACHE, stat_key, path,
                                                      {"sig": _stat_sig(st), "m": entry.manifest.hex()}))
             if skip_worktree:
-                t.put("index", skip_key, _path_value(SKIP_PREFIX, skip_key, path, {})
-                      if keys.is_hashed(SKIP_PREFIX, skip_key) else b"1")
+                t.put("index", skip_key, keys.path_value(keys.SKIP_WORKTREE, skip_key, path, {})
+                      if keys.is_hashed(keys.SKIP_WORKTREE, skip_key) else b"1")
             else:
                 t.delete("index", skip_key)
 
@@ -337,7 +313,7 @@ class Worktree:
                     if q in head_paths:
                         self._stage(q, None)
                     else:
-                        self.repo.store.write(lambda t, q=q: t.delete("stage", _stage_key(q)))
+                        self.repo.store.write(lambda t, q=q: t.delete("stage", keys.stage_key(q)))
                     if not cached:
                         wt.unlink(q)
                     removed.append(q)
@@ -349,7 +325,7 @@ class Worktree:
         without following anything). A symlink or anything not a regular file never matches."""
         if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
             return False
-        cached = t.get("index", _stat_key(path))
+        cached = t.get("index", keys.stat_key(path))
         if cached is not None:
             c = json.loads(cached)
             if c["sig"] == _stat_sig(st):
@@ -374,7 +350,7 @@ class Worktree:
             branch, head = self.repo._head_ref(t)
             head_entries = self.repo.get_tree(self.repo.get_commit(head).tree).entries if head else {}
             staged = self._staged(t)
-            skip = {_key_path(SKIP_PREFIX, k, v) for k, v in t.items("index", SKIP_PREFIX)}
+            skip = {_key_path(keys.SKIP_WORKTREE, k, v) for k, v in t.items("index", keys.SKIP_WORKTREE)}
             s = Status(branch, head)
             index: dict[str, TreeEntry] = dict(head_entries)
             for p, d in staged.items():
@@ -569,11 +545,11 @@ class Worktree:
         def fn(t: Txn) -> None:
             for k in list(t.keys("stage")):
                 t.delete("stage", k)
-            for k in list(t.keys("index", SKIP_PREFIX)):
+            for k in list(t.keys("index", keys.SKIP_WORKTREE)):
                 t.delete("index", k)
             for p, (sig, m) in stat_updates.items():
-                key = _stat_key(p)
-                t.put("index", key, _path_value(STAT_PREFIX, key, p, {"sig": sig, "m": m.hex()}))
+                key = keys.stat_key(p)
+                t.put("index", key, keys.path_value(keys.STAT_CACHE, key, p, {"sig": sig, "m": m.hex()}))
             t.put("refs", refs.HEAD, b"ref:" + refs.branch_key(branch) if branch else target)
 
         self.repo.store.write(fn)

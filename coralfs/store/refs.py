@@ -1,7 +1,7 @@
 """Refs: branches, tags and HEAD, stored in the ``refs`` database.
 
-Keys: ``b"branch:NAME"`` -> commit id, ``b"tag:NAME"`` -> tag object id,
-``b"HEAD"`` -> ``b"ref:branch:NAME"`` (attached) or a commit id (detached).
+Keys (coralfs.store.keys): ``branch:NAME`` -> commit id, ``tag:NAME`` -> tag object id,
+``HEAD`` -> ``ref:branch:NAME`` (attached) or a commit id (detached).
 Every change is a compare-and-swap inside a write transaction.
 """
 
@@ -10,10 +10,11 @@ from __future__ import annotations
 import re
 
 from coralfs.errors import InvalidName
+from coralfs.store import keys
+from coralfs.store.keys import HEAD, branch_key, tag_key  # noqa: F401 - until every caller uses Refs
 
-BRANCH = "branch:"
-TAG = "tag:"
-HEAD = b"HEAD"
+BRANCH = keys.BRANCH.decode()
+TAG = keys.TAG.decode()
 
 _BAD = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
 
@@ -27,11 +28,3 @@ def check_ref_name(name: str, kind: str = "branch") -> str:
         if part.startswith(("@", ".")) or part == "":
             raise InvalidName(f"invalid {kind} name: {name!r} (components may not start with '@' or '.')")
     return name
-
-
-def branch_key(name: str) -> bytes:
-    return (BRANCH + name).encode()
-
-
-def tag_key(name: str) -> bytes:
-    return (TAG + name).encode()

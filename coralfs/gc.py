@@ -1,10 +1,14 @@
 """Garbage collection: mark what is reachable, re-encode orphaned deltas, sweep the rest.
 
+Keys are walked by family, from the table in :mod:`coralfs.store.keys` (nothing here lists
+a family): a key that belongs to no family stops gc before anything is marked, since what it
+keeps alive is unknown (``UnknownKeys``; ``coralfs fsck`` lists such keys).
+
 Roots (what is never swept)
-    every ref (branches, tags -> tag object -> commit, a detached HEAD), every stage entry,
-    and pending mount data (``index`` keys ``b"pend\\x00..."`` and, refused by a concurrent
-    commit but kept for recovery, ``b"pend-conflict\\x00..."``, whose JSON value names a
-    manifest as hex ``"m"``). From a root: commit -> tree + parents, tree -> manifests,
+    every entry of a ``root`` family: refs (branches, tags -> tag object -> commit, a
+    detached HEAD), stage entries, and the mount's pending data (pending files and, refused
+    by a concurrent commit but kept for recovery, conflicts), whose JSON value names a
+    manifest as hex ``"m"``. From a root: commit -> tree + parents, tree -> manifests,
     manifest -> chunks, tag -> commit.
 
 Phases (each write is a bounded transaction; SIGKILL at any point leaves a consistent
@@ -13,9 +17,10 @@ repository and a rerun finishes the job)
 1. **mark** in one read snapshot (no writes), and list the candidates from that same
    snapshot. A reachable object that is missing or corrupt aborts gc: what it references
    is unknown, so nothing may be swept.
-2. **sweep** what nothing needs, in batches: index entries that point at dead things first
-   (commit index ``c\\0``, tensor base index ``tb\\0``, stat cache ``st\\0``: a cache entry
-   must never outlive the manifest it names), then dead objects, then dead chunks that are
+2. **sweep** what nothing needs, in batches: entries of ``derived`` families that name a
+   dead thing (or cannot be read) first (the commit index, the tensor base index, pending
+   demotions, reverse-chain counters, the stat cache: a cache entry must never outlive the
+   manifest it names), then dead objects, then dead chunks that are
    not a base of any live chunk. Each batch transaction first checks whether the roots
    changed since the mark (a ref moved, a stage entry appeared); if so it marks from the
    new roots inside the transaction (keeping the bases of newly marked chunks) before it
@@ -57,8 +62,8 @@ from typing import TYPE_CHECKING, Any
 
 from coralfs.codec import records
 from coralfs.errors import ConcurrentUpdate, CoralError, IntegrityError
-from coralfs.hashing import ID_LEN, digest, hasher
-from coralfs.store import keys, refs
+from coralfs.hashing import digest, hasher
+from coralfs.store import keys
 from coralfs.store.lmdb import Txn
 from coralfs.store.objects import Commit, Manifest, Tag, Tree
 from coralfs.store.objectstore import ObjectStore
@@ -68,6 +73,7 @@ if TYPE_CHECKING:
 
 # the mount's pending entries (until coralfs.mount takes them from coralfs.store.keys)
 PEND_PREFIX, CONFLICT_PREFIX = keys.PENDING, keys.CONFLICTS
+UNKNOWN_SHOWN = 5  # unknown keys named in UnknownKeys' message
 
 #: Test hook: ``CORALFS_GC_KILL_AT=PHASE[:N]`` sends SIGKILL to this process right after the
 #: N-th (default 1st) event of PHASE: mark, sweep-index, sweep-objects, sweep-chunks, reencode,
@@ -82,6 +88,10 @@ _HDR_PEEK = records.PEEK_LEN
 
 class GcAborted(IntegrityError):
     """gc stopped: a reachable object is missing or corrupt (run `coralfs fsck`)"""
+
+
+class UnknownKeys(GcAborted):
+    """gc stopped: keys that belong to no key family (coralfs.store.keys)"""
 
 
 @dataclass
@@ -154,25 +164,18 @@ class Marker:
 
     @staticmethod
     def roots(t: Txn) -> tuple[list[bytes], bytes]:
-        """Root object ids and a fingerprint of everything roots are made of."""
+        """Root object ids (what the entries of every ``root`` family name) and a fingerprint
+        of those entries."""
         ids: list[bytes] = []
         h = hasher()
-        for k, v in t.items("refs"):
-            h.update(len(k).to_bytes(4, "little") + k + len(v).to_bytes(4, "little") + v)
-            if k == refs.HEAD and v.startswith(b"ref:"):
-                continue
-            if len(v) == ID_LEN:
-                ids.append(v)
-        for db, prefix in (("stage", keys.STAGE_PREFIX), ("index", keys.PENDING), ("index", keys.CONFLICTS)):
-            for k, v in t.items(db, prefix):
+        for fam in keys.families(role=keys.Role.ROOT):
+            for k, v in fam.items(t):
                 h.update(len(k).to_bytes(4, "little") + k + len(v).to_bytes(4, "little") + v)
                 try:
-                    d = json.loads(v)
-                except ValueError as e:
-                    raise GcAborted(f"gc stopped: unreadable {db} entry {k!r}: {e}") from e
-                m = d.get("m") if isinstance(d, dict) else None
-                if m:
-                    ids.append(bytes.fromhex(m))
+                    named = fam.named(k, v)
+                except keys.Unreadable as e:
+                    raise GcAborted(f"gc stopped: unreadable {fam.db} entry {k!r}: {e}") from e
+                ids.extend(oid for _, oid in named)
         return ids, h.digest()
 
     def mark_roots(self, t: Txn) -> set[bytes]:
@@ -309,9 +312,14 @@ def _gc_locked(repo: Repository, dry_run: bool, grace: float, batch_keys: int, b
     # 1. mark, and list the candidates, from one snapshot
     dead_chunks: list[tuple[bytes, int]] = []
     dead_objects: list[tuple[bytes, int]] = []
-    dead_index: list[bytes] = []
+    dead_index: list[tuple[str, bytes]] = []  # (database, key)
     reencode: list[tuple[int, bytes]] = []
     with repo.store.read() as t:
+        unknown = keys.unknown_keys(t, UNKNOWN_SHOWN)
+        if unknown:
+            raise UnknownKeys("gc stopped: keys that belong to no key family known to this coralfs ("
+                              + ", ".join(f"{db} {k[:60]!r}" for db, k in unknown)
+                              + "): what they keep alive is unknown, so nothing is swept (run `coralfs fsck`)")
         marker.mark_roots(t)
         for oid, size, _ in t.scan("objects", 0):
             stats.objects_total += 1
@@ -329,9 +337,12 @@ def _gc_locked(repo: Repository, dry_run: bool, grace: float, batch_keys: int, b
                 continue
             if any(b not in marker.chunks for b in h.bases):
                 reencode.append((h.depth, cid))
-        for key, v in t.items("index"):
-            if not _index_live(key, v, marker):
-                dead_index.append(key)
+        for db in keys.DATABASES:
+            if db in keys.DATA_DATABASES:
+                continue
+            for key, v in t.items(db):
+                if not _entry_live(db, key, v, marker):
+                    dead_index.append((db, key))
     stats.commits = marker.commits
     say(f"marked {marker.commits} commits, {len(marker.objects)} objects, {len(marker.chunks)} chunks")
     _hook("mark")
@@ -348,7 +359,8 @@ def _gc_locked(repo: Repository, dry_run: bool, grace: float, batch_keys: int, b
         # 2. sweep what nothing needs: dead index entries (first: a cache entry must never
         #    outlive what it names), objects, and dead chunks that are no base of a live one
         needed = _dead_bases(repo, marker, [cid for _, cid in reencode])
-        _sweep(repo, marker, "index", [(k, 0) for k in dead_index], stats, batch_keys, "sweep-index")
+        for db in sorted({db for db, _ in dead_index}):
+            _sweep(repo, marker, db, [(k, 0) for d, k in dead_index if d == db], stats, batch_keys, "sweep-index")
         _sweep(repo, marker, "objects", dead_objects, stats, batch_keys, "sweep-objects")
         _sweep(repo, marker, "chunks", [c for c in dead_chunks if c[0] not in needed], stats, batch_keys,
                "sweep-chunks")
@@ -401,24 +413,17 @@ def _dead_bases(repo: Repository, marker: Marker, live: list[bytes]) -> set[byte
     return out
 
 
-def _index_live(key: bytes, value: bytes, marker: Marker) -> bool:
-    """Whether an index entry still points at something live (unknown kinds are kept)."""
-    if key.startswith(keys.COMMIT_INDEX):
-        return keys.commit_of(key) in marker.objects
-    if key.startswith(keys.TENSOR_INDEX):
-        return value in marker.chunks
-    if key.startswith(keys.DEMOTIONS):  # a demotion still to do: both versions must live
-        new, prev = keys.demotion_chunks(key)
-        return new in marker.chunks and prev in marker.chunks
-    if key.startswith(keys.BELOW):
-        return key[len(keys.BELOW):] in marker.chunks
-    if key.startswith(keys.STAT_CACHE):
-        try:
-            m = json.loads(value).get("m")
-            return m is not None and bytes.fromhex(m) in marker.objects
-        except (ValueError, AttributeError):
-            return False  # a cache entry nobody can use
-    return True
+def _entry_live(db: str, key: bytes, value: bytes, marker: Marker) -> bool:
+    """Whether an entry may stay: one of a ``derived`` family only while everything it names
+    is live (and it can be read); any other entry always."""
+    fam = keys.family_of(db, key)
+    if fam is None or fam.role is not keys.Role.DERIVED:
+        return True
+    try:
+        named = fam.named(key, value)
+    except keys.Unreadable:
+        return False  # an entry nobody can use
+    return all(i in (marker.chunks if kind == keys.CHUNK else marker.objects) for kind, i in named)
 
 
 def _reencode(repo: Repository, marker: Marker, todo: list[bytes], stats: GcStats, batch_bytes: int,
@@ -505,10 +510,10 @@ def _reencode(repo: Repository, marker: Marker, todo: list[bytes], stats: GcStat
     say(f"re-encoded {stats.reencoded} chunks ({stats.keyframes} as keyframes)")
 
 
-def _sweep(repo: Repository, marker: Marker, db: str, keys: list[tuple[bytes, int]], stats: GcStats,
+def _sweep(repo: Repository, marker: Marker, db: str, todo: list[tuple[bytes, int]], stats: GcStats,
            batch_keys: int, phase: str) -> None:
-    for i in range(0, len(keys), batch_keys):
-        part = keys[i : i + batch_keys]
+    for i in range(0, len(todo), batch_keys):
+        part = todo[i : i + batch_keys]
 
         def fn(t: Txn, part: list[tuple[bytes, int]] = part) -> tuple[int, int, int]:
             remarked = 0
@@ -520,9 +525,9 @@ def _sweep(repo: Repository, marker: Marker, db: str, keys: list[tuple[bytes, in
                 remarked = 1
             n = nbytes = 0
             for key, size in part:
-                if db == "index":
-                    v = t.get("index", key)
-                    if v is None or _index_live(key, v, marker):
+                if db not in keys.DATA_DATABASES:
+                    v = t.get(db, key)
+                    if v is None or _entry_live(db, key, v, marker):
                         continue
                 elif key in (marker.objects if db == "objects" else marker.chunks):
                     continue
@@ -533,7 +538,7 @@ def _sweep(repo: Repository, marker: Marker, db: str, keys: list[tuple[bytes, in
 
         n, nbytes, remarked = repo.store.write(fn)
         stats.remarks += remarked
-        if db == "index":
+        if db not in keys.DATA_DATABASES:
             stats.index_swept += n
         elif db == "objects":
             stats.objects_swept += n

@@ -57,6 +57,7 @@ STAGE = "stage"
 INDEX = "index"
 CONFIG = "config"
 DATABASES = (CHUNKS, OBJECTS, REFS, STAGE, INDEX, CONFIG)
+DATA_DATABASES = (CHUNKS, OBJECTS)  # keyed by id; every other database holds key families
 
 # ------------------------------------------------------------------ prefixes (spelled here only)
 HEAD = b"HEAD"  # refs
@@ -226,7 +227,7 @@ class Role(enum.Enum):
     """What gc and fsck do with a family's entries (see the module docstring)."""
 
     DATA = "data"
-    ROOT = "root"
+    ROOT = "root"  # names objects (never chunks: a root is a manifest, commit or tag)
     DERIVED = "derived"
     PLAIN = "plain"
 
@@ -398,7 +399,7 @@ def unknown_keys(t: Txn, limit: int | None = None) -> list[tuple[str, bytes]]:
     """(database, key) of keys that belong to no family (data databases hold ids only)."""
     out: list[tuple[str, bytes]] = []
     for db in DATABASES:
-        if any(f.role is Role.DATA for f in families(db)):
+        if db in DATA_DATABASES:
             continue
         for k in t.keys(db):
             if family_of(db, k) is None:

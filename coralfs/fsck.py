@@ -45,6 +45,7 @@ from coralfs.store.keys import PENDING as PEND_PREFIX
 from coralfs.store.keys import STAT_CACHE as STAT_INDEX
 from coralfs.store.objects import Commit, Manifest, Tag, Tree, deserialize, path_error
 from coralfs.store.objectstore import ObjectStore
+from coralfs.store.refs import Refs
 
 if TYPE_CHECKING:
     from coralfs.repository import Repository
@@ -118,16 +119,16 @@ def fsck(repo: Repository, repair: bool = False, log: Callable[[str], None] | No
 
     # -- roots
     with repo.store.read() as t:
-        ref_items = list(t.items("refs"))
+        ref_items = [(k.encode(errors="surrogateescape"), v) for k, v in Refs(t).all().items()]
         stage_items = list(t.items("stage"))
         pend_items = list(t.items("index", PEND_PREFIX)) + list(t.items("index", CONFLICT_PREFIX))
     starts: list[tuple[bytes, str]] = []
     for k, v in ref_items:
         rep.refs += 1
         name = k.decode(errors="replace")
-        if k == refs.HEAD:
-            if v.startswith(b"ref:"):
-                target = v[4:].decode(errors="replace")
+        if k == keys.HEAD:
+            if v.startswith(keys.SYMREF):
+                target = v[len(keys.SYMREF):].decode(errors="replace")
                 if not target.startswith(refs.BRANCH):
                     problems.append(Problem("ref", "HEAD", f"points at {target!r}, not a branch"))
                 continue
@@ -330,7 +331,7 @@ def _repair(repo: Repository, rep: FsckReport, index_drop: list[bytes], missing_
             for k in index_drop:
                 t.delete("index", k)
             for c in missing_index:
-                t.put("index", COMMIT_INDEX + c, b"")
+                Refs(t).index_commit(c)
             for k in stage_drop:  # no coralfs writes such an entry: it came with the repository
                 t.delete("stage", k)
 

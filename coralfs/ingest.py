@@ -59,6 +59,7 @@ from coralfs.store.lmdb import Txn
 from coralfs.store.locks import gate_for
 from coralfs.store.objects import Commit, Manifest, Piece, Segment, Tag, Tree, deserialize
 from coralfs.store.objectstore import ObjectStore
+from coralfs.store.refs import Refs
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +249,7 @@ class Ingestor:
         about to reference it: writers hold the shared side of the lock from their first record
         until what they wrote is referenced. So deleting it cannot touch anyone's data."""
         mentioned: set[bytes] = set()
-        for _, v in t.items("refs"):
+        for v in Refs(t).all().values():
             if len(v) == ID_LEN:
                 mentioned.add(v)
         for db in ("stage", "index"):

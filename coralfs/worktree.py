@@ -47,6 +47,7 @@ from coralfs.ingest import IngestStats, Progress
 from coralfs.store import keys, refs
 from coralfs.store.lmdb import Txn
 from coralfs.store.objects import MODE_EXEC, MODE_FILE, TreeEntry, check_path, path_error
+from coralfs.store.refs import Refs
 from coralfs.worktree_fs import TEMP_PREFIX, SkipCallback, WorkTree, kind, read_blocks
 
 if TYPE_CHECKING:
@@ -175,7 +176,7 @@ class Worktree:
         if v is not None:
             d = json.loads(v)
             return None if d.get("del") else TreeEntry(bytes.fromhex(d["m"]), d["size"], d["mode"])
-        head = self.repo._head_ref(t)[1]
+        head = Refs(t).follow_head()[1]
         if head is None:
             return None
         return self.repo.get_tree(self.repo.get_commit(head).tree).entries.get(path)
@@ -347,7 +348,7 @@ class Worktree:
 
     def _status(self) -> Status:
         with WorkTree(self.repo.root) as wt, self.repo.store.read() as t:
-            branch, head = self.repo._head_ref(t)
+            branch, head = Refs(t).follow_head()
             head_entries = self.repo.get_tree(self.repo.get_commit(head).tree).entries if head else {}
             staged = self._staged(t)
             skip = {_key_path(keys.SKIP_WORKTREE, k, v) for k, v in t.items("index", keys.SKIP_WORKTREE)}
@@ -396,8 +397,9 @@ class Worktree:
         with self._checkout_lock():
             self._resume_checkout()
             with self.repo.store.read() as t:
-                is_branch = t.get("refs", refs.branch_key(rev)) is not None
-                cur_branch, _ = self.repo._head_ref(t)
+                r = Refs(t)
+                is_branch = r.branch(rev) is not None
+                cur_branch, _ = r.follow_head()
             if rev in ("HEAD", "@"):  # like git: checking out HEAD keeps the current branch attached
                 rev, is_branch = (cur_branch, True) if cur_branch else (rev, False)
             target = self.repo.resolve(rev)
@@ -406,8 +408,7 @@ class Worktree:
             head_entries = self.repo.tree(st.head).entries if st.head else {}
             if head_entries == target_entries and not force:
                 # same content: move HEAD only; staged and work-tree changes carry over (as git does)
-                self.repo.store.write(lambda t: t.put("refs", refs.HEAD,
-                                                 b"ref:" + refs.branch_key(rev) if is_branch else target))
+                self.repo.store.write(lambda t: Refs(t).set_head(rev if is_branch else target))
                 return target
             with WorkTree(self.repo.root) as wt:
                 if not force:
@@ -550,7 +551,7 @@ class Worktree:
             for p, (sig, m) in stat_updates.items():
                 key = keys.stat_key(p)
                 t.put("index", key, keys.path_value(keys.STAT_CACHE, key, p, {"sig": sig, "m": m.hex()}))
-            t.put("refs", refs.HEAD, b"ref:" + refs.branch_key(branch) if branch else target)
+            Refs(t).set_head(branch if branch else target)
 
         self.repo.store.write(fn)
         kill.step("refs")

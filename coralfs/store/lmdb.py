@@ -22,7 +22,7 @@ from typing import TypeVar
 import lmdb
 import numpy as np
 
-from coralfs.errors import ConcurrentUpdate, CoralError, NoSpace
+from coralfs.errors import CoralError, NoSpace
 from coralfs.store.keys import CHUNKS, DATABASES, OBJECTS, REFS
 
 INITIAL_MAP_SIZE = 1 << 40  # sparse on 64-bit: costs nothing until used
@@ -342,18 +342,6 @@ class Txn:
                 if not k.startswith(prefix):
                     break
                 yield k
-
-    def cas(self, db: str, key: bytes, expected: bytes | None, new: bytes | None) -> None:
-        """Compare-and-swap inside this write transaction."""
-        current = self.get(db, key)
-        if current != expected:
-            raise ConcurrentUpdate(f"{key.decode(errors='replace')} moved (expected "
-                                   f"{expected.hex()[:12] if expected else 'none'}, found "
-                                   f"{current.hex()[:12] if current else 'none'})")
-        if new is None:
-            self.delete(db, key)
-        else:
-            self.put(db, key, new)
 
     def stat(self, db: str) -> dict:
         return self.txn.stat(self.dbs[db])

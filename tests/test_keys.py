@@ -4,11 +4,13 @@ and is reported by fsck."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
 import pytest
 
+from coralfs.fsck import fsck
 from coralfs.gc import UnknownKeys, gc
 from coralfs.repository import Repository
 from coralfs.store import keys
@@ -99,3 +101,37 @@ def test_every_family_is_classified_once():
         assert keys.family_of(by_name[name].db, key) is by_name[name], name
     assert set(samples) | {"chunks", "objects"} == set(by_name)
     assert {f.db for f in keys.FAMILIES} == set(keys.DATABASES)
+
+
+def test_fsck_checks_registered_families_and_reports_keys_of_none(repo, monkeypatch):
+    b_mid, b_chunks = _store(repo, os.urandom(200_000), "b.bin")  # named only by the fake root
+    entries = {b"zz\x00b": b_chunks[0], b"zz\x00gone": b"\x07" * 32, b"zr\x00keep": b_mid}
+    repo.store.write(lambda t: [t.put("index", k, v) for k, v in entries.items()])
+
+    r = fsck(repo)  # not registered: every one is a key of no family, and nothing is repaired
+    assert sorted(p.key for p in r.problems) == sorted(repr(k) for k in entries)
+    assert all(p.message.startswith("belongs to no key family") and not p.repairable for p in r.problems)
+    assert r.garbage_objects == 1  # b's manifest: nothing fsck knows names it
+
+    _register(monkeypatch, FAKE_INDEX, FAKE_ROOT)
+    repo.store.write(lambda t: t.put("config", b"future-setting", b"1"))
+    r = fsck(repo)
+    assert sorted((p.kind, p.key, p.message, p.repairable) for p in r.problems) == [
+        ("config", repr(b"future-setting"), "belongs to no key family known to this coralfs (gc will not run while "
+         "it is there)", False),
+        ("index", repr(b"zz\x00gone"), "test index entry names a missing chunk", True)]
+    assert r.garbage_objects == 0 and r.garbage_chunks == 0  # b is reachable through the fake root
+    r = fsck(repo, repair=True)
+    assert [p.key for p in r.problems] == [repr(b"future-setting")] and any("zz" in x for x in r.repaired)
+    assert not _has(repo, "index", b"zz\x00gone") and _has(repo, "index", b"zz\x00b")
+
+
+def test_fsck_takes_a_pending_deletion_as_it_is(repo):
+    """A mount's pending deletion (a tombstone: no manifest) is no problem; an unreadable
+    pending entry is one."""
+    tomb = json.dumps({"del": True, "base": repo.branch_head("main").hex(), "time": 1.0}).encode()
+    repo.store.write(lambda t: t.put("index", keys.pending_key("main", "a.bin"), tomb))
+    assert fsck(repo).ok
+    repo.store.write(lambda t: t.put("index", keys.pending_key("main", "b.bin"), b"{not json"))
+    r = fsck(repo)
+    assert [(p.kind, p.message) for p in r.problems] == [("index", "unreadable entry")]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -135,3 +136,10 @@ def test_fsck_takes_a_pending_deletion_as_it_is(repo):
     repo.store.write(lambda t: t.put("index", keys.pending_key("main", "b.bin"), b"{not json"))
     r = fsck(repo)
     assert [(p.kind, p.message) for p in r.problems] == [("index", "unreadable entry")]
+
+
+def test_design_doc_table_is_the_key_table():
+    """docs/design.md's "LMDB databases" table is generated from the table (paste the output of
+    ``python -m coralfs.store.keys`` there when a family changes)."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "design.md").read_text()
+    assert keys.markdown_table() in doc, "docs/design.md: replace the table with `python -m coralfs.store.keys`"

@@ -240,7 +240,7 @@ MANIFEST = "manifest"
 Named = tuple[tuple[str, bytes], ...]
 
 
-class Unreadable(ValueError):
+class Unreadable(ValueError):  # noqa: N818 - a ValueError, named for what it is
     """an entry whose key or value cannot be decoded"""
 
 
@@ -258,6 +258,7 @@ class Family:
     exact: bool = False  # the key is the prefix itself
     path: bool = False  # keys carry a repository path (path_key)
     missing: str = ""  # derived: fsck's finding when what it names is missing
+    about: str = ""  # what it names, in words (docs/design.md)
 
     def matches(self, key: bytes) -> bool:
         return key == self.prefix if self.exact else key.startswith(self.prefix)
@@ -282,17 +283,17 @@ class Family:
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise Unreadable(f"{self.name} entry {key[:80]!r}: {e}") from e
 
-    @property
-    def rule(self) -> str:
-        """What gc and fsck do with it, in words (docs/design.md)."""
-        return {
-            Role.DATA: "data: kept while reachable from a root (or a delta base of a kept chunk), "
-                       "else swept; fsck verifies it against its id",
-            Role.ROOT: "root: what it names is kept (gc stops if it cannot be read); fsck walks from it",
-            Role.DERIVED: "derived: dropped when anything it names is dead, or when it cannot be read; "
-                          "fsck reports it, `--repair` drops it",
-            Role.PLAIN: "names nothing: kept",
-        }[self.role]
+
+
+#: What each role means to gc and fsck (docs/design.md prints this under the table)
+ROLE_DOC = {
+    Role.DATA: "the content-addressed data: gc keeps what a root reaches (and the delta bases of kept chunks) "
+               "and sweeps the rest; fsck verifies each against its id",
+    Role.ROOT: "what it names is live: gc marks from it (an entry it cannot read stops gc); fsck walks from it",
+    Role.DERIVED: "an index over data: gc drops it when anything it names is dead, or when it cannot be read; "
+                  "fsck reports such an entry, `--repair` drops it",
+    Role.PLAIN: "names nothing: kept as it is",
+}
 
 
 def _head(_k: bytes, v: bytes) -> Named:
@@ -339,40 +340,46 @@ _MANIFEST_JSON = '`{"m": manifest, "size", "mode"}` or `{"del": true}`'
 
 #: Every key family of every database. gc and fsck walk this table; nothing else lists families.
 FAMILIES: list[Family] = [
-    Family("chunks", CHUNKS, b"", "chunk id (32 bytes)", "chunk record", Role.DATA),
-    Family("objects", OBJECTS, b"", "object id (32 bytes)", "serialized object", Role.DATA),
+    Family("chunks", CHUNKS, b"", "chunk id (32 bytes)", "chunk record", Role.DATA, about="its delta bases (in the record)"),
+    Family("objects", OBJECTS, b"", "object id (32 bytes)", "serialized object", Role.DATA,
+           about="tag: a commit; commit: a tree and parents; tree: manifests; manifest: chunks"),
     Family("HEAD", REFS, HEAD, "`HEAD`", "`ref:branch:NAME` (attached) or a commit id (detached)", Role.ROOT,
-           _head, exact=True),
-    Family("branch", REFS, BRANCH, "`branch:NAME`", "commit id", Role.ROOT, _branch),
-    Family("tag", REFS, TAG, "`tag:NAME`", "tag object id", Role.ROOT, _tag),
+           _head, exact=True, about="a commit, when detached"),
+    Family("branch", REFS, BRANCH, "`branch:NAME`", "commit id", Role.ROOT, _branch, about="a commit"),
+    Family("tag", REFS, TAG, "`tag:NAME`", "tag object id", Role.ROOT, _tag, about="a tag object"),
     Family("stage", STAGE, STAGE_PREFIX, "path (*)", f"JSON {_MANIFEST_JSON}", Role.ROOT, _manifest_if_any,
-           path=True),
+           path=True, about="a manifest (`m`; a deletion none)"),
     Family("commit index", INDEX, COMMIT_INDEX, "`c\\0<id>`", "empty: the commit index (listing, prefix lookup)",
-           Role.DERIVED, _commit_in_key, missing="commit index entry names a missing commit"),
+           Role.DERIVED, _commit_in_key, missing="commit index entry names a missing commit",
+           about="a commit (its key)"),
     Family("tensor base index", INDEX, TENSOR_INDEX, "`tb\\0<dtype>\\0<tensor name>\\0<piece>`",
            "latest chunk id of that tensor piece (delta base for files with no history); a key past 480 bytes "
            "is `tb\\0/` + BLAKE3(`<dtype>\\0<tensor name>`) + `\\0<piece>` (keys that fit are unchanged)",
-           Role.DERIVED, _chunk_in_value, missing="tensor base index names a missing chunk"),
+           Role.DERIVED, _chunk_in_value, missing="tensor base index names a missing chunk",
+           about="a chunk (its value)"),
     Family("pending demotion", INDEX, DEMOTIONS, "`dm\\0<time ns, 8 bytes BE><new chunk><previous chunk>`",
            "empty: re-encode the previous version as a delta against the new one (`repack.py`)",
-           Role.DERIVED, _two_chunks_in_key, missing="pending demotion names a missing chunk"),
+           Role.DERIVED, _two_chunks_in_key, missing="pending demotion names a missing chunk",
+           about="two chunks (its key)"),
     Family("reverse-chain counters", INDEX, BELOW, "`rv\\0<chunk>`",
            "a keyframe's reverse chains: deltas on the longest chain ending at it (u16), their bytes in "
            "1/256ths of the piece (u32), whether a lineage's first version is among them (u8)",
-           Role.DERIVED, _chunk_in_key, missing="reverse-chain counters of a missing chunk"),
+           Role.DERIVED, _chunk_in_key, missing="reverse-chain counters of a missing chunk",
+           about="a chunk (its key)"),
     Family("stat cache", INDEX, STAT_CACHE, "`st\\0<path>` (*)",
            'stat cache: `{"sig": [size, mtime_ns, ino, ctime_ns], "m": manifest}`',
-           Role.DERIVED, _manifest, path=True, missing="stat cache entry names a missing manifest"),
+           Role.DERIVED, _manifest, path=True, missing="stat cache entry names a missing manifest",
+           about="a manifest (`m`)"),
     Family("skip-worktree", INDEX, SKIP_WORKTREE, "`sw\\0<path>` (*)",
            "skip-worktree: staged by `save()`, not materialised yet: `1`", Role.PLAIN, path=True),
     Family("pending", INDEX, PENDING, "`pend\\0<branch>\\0<path>` (*)",
            'mount: a file ingested at close/fsync, not yet committed: `{"m", "size", "mode", "base": head it '
            'was based on, "time"}`; a deletion: `{"del": true, "base", "time"}`', Role.ROOT, _manifest_if_any,
-           path=True),
+           path=True, about="a manifest (`m`; a deletion none)"),
     Family("conflict", INDEX, CONFLICTS, "`pend-conflict\\0<branch>\\0<id>\\0<path>` (*)",
            "mount changes refused because a concurrent commit touched the same file (the pending entry, plus "
            '"head", "reason", "conflicts"); kept for `coralfs flush-mount --recover`', Role.ROOT,
-           _manifest_if_any, path=True),
+           _manifest_if_any, path=True, about="a manifest (`m`; a deletion none)"),
     Family("config", CONFIG, CONFIG_KEY, "`config`", "JSON: format version, default branch, max delta depth",
            Role.PLAIN, exact=True),
     Family("gc note", CONFIG, GC_NOTE, "`gc`", "JSON: the last gc's progress (informational)", Role.PLAIN,
@@ -410,13 +417,15 @@ def unknown_keys(t: Txn, limit: int | None = None) -> list[tuple[str, bytes]]:
 
 
 def markdown_table() -> str:
-    """docs/design.md's "LMDB databases" table."""
-    rows = ["| db | key | value | gc and fsck |", "|---|---|---|---|"]
+    """docs/design.md's "LMDB databases" table, and what the roles mean."""
+    rows = ["| db | key | value | names | role |", "|---|---|---|---|---|"]
     last = None
     for f in FAMILIES:
         db = f"`{f.db}`" if f.db != last else ""
         last = f.db
-        rows.append(f"| {db} | {f.key} | {f.value} | {f.rule} |")
+        rows.append(f"| {db} | {f.key} | {f.value} | {f.about or 'nothing'} | {f.role.value} |")
+    rows.append("")
+    rows += [f"* `{role.value}`: {text}." for role, text in ROLE_DOC.items()]
     return "\n".join(rows) + "\n"
 
 

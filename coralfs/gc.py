@@ -71,8 +71,6 @@ from coralfs.store.objectstore import ObjectStore
 if TYPE_CHECKING:
     from coralfs.repository import Repository
 
-# the mount's pending entries (until coralfs.mount takes them from coralfs.store.keys)
-PEND_PREFIX, CONFLICT_PREFIX = keys.PENDING, keys.CONFLICTS
 UNKNOWN_SHOWN = 5  # unknown keys named in UnknownKeys' message
 
 #: Test hook: ``CORALFS_GC_KILL_AT=PHASE[:N]`` sends SIGKILL to this process right after the

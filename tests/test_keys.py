@@ -4,6 +4,7 @@ and is reported by fsck."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -143,3 +144,47 @@ def test_design_doc_table_is_the_key_table():
     ``python -m coralfs.store.keys`` there when a family changes)."""
     doc = (Path(__file__).resolve().parent.parent / "docs" / "design.md").read_text()
     assert keys.markdown_table() in doc, "docs/design.md: replace the table with `python -m coralfs.store.keys`"
+
+
+PKG = Path(__file__).resolve().parent.parent / "coralfs"
+_TXN_CALLS = {"get", "put", "delete", "items", "keys", "has", "peek", "scan", "advise"}
+
+
+def _sources(exclude: tuple[str, ...]) -> list[tuple[str, ast.AST]]:
+    out = []
+    for p in sorted(PKG.rglob("*.py")):
+        rel = p.relative_to(PKG).as_posix()
+        if not rel.startswith(exclude):
+            out.append((rel, ast.parse(p.read_text())))
+    return out
+
+
+def test_no_module_spells_a_key_prefix():
+    """Every key prefix is spelled in coralfs/store/keys.py only: elsewhere keys are made by its
+    encoders (a bytes literal that starts like a family's key is a re-typed prefix)."""
+    prefixes = [f.prefix for f in keys.FAMILIES if f.prefix] + [keys.SYMREF]
+    texts = [p.decode() for p in prefixes if keys.SEP in p]  # "pend\0", ...: not as str either
+    bad = []
+    for rel, tree in _sources(("store/keys.py",)):
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Constant):
+                continue
+            v = node.value
+            if isinstance(v, bytes) and any(v.startswith(p) for p in prefixes) \
+                    or isinstance(v, str) and any(v.startswith(t) for t in texts) and "\n" not in v:
+                bad.append(f"{rel}:{node.lineno}: {v!r}")
+    assert not bad, "key prefixes spelled outside coralfs/store/keys.py: " + "; ".join(bad)
+
+
+def test_only_refs_py_touches_the_refs_database():
+    """Refs are read and changed through coralfs.store.refs.Refs only."""
+    bad = []
+    for rel, tree in _sources(("store/",)):
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _TXN_CALLS \
+                    and node.args:
+                a = node.args[0]
+                if isinstance(a, ast.Constant) and a.value == keys.REFS \
+                        or isinstance(a, ast.Attribute) and a.attr == "REFS" or isinstance(a, ast.Name) and a.id == "REFS":
+                    bad.append(f"{rel}:{node.lineno}")
+    assert not bad, "raw access to the refs database (use coralfs.store.refs.Refs): " + ", ".join(bad)

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 from coralfs.errors import ConcurrentUpdate, InvalidName, RefExists
 from coralfs.hashing import ID_LEN
 from coralfs.store import keys
-from coralfs.store.keys import branch_key, tag_key  # noqa: F401 - for coralfs.mount, until it uses Refs
 
 if TYPE_CHECKING:
     from coralfs.store.lmdb import Txn

@@ -8,15 +8,10 @@ stops gc (it cannot know what the key keeps alive) and is reported by fsck. docs
 "LMDB databases" table is this table (``python -m coralfs.store.keys`` prints it; a test
 checks the two agree).
 
-What an entry's role tells gc and fsck (:class:`Role`):
-
-* ``data``: the content-addressed chunks and objects themselves. gc marks them from the
-  roots and sweeps the rest; fsck verifies each against its id.
-* ``root``: what it names is live (refs, the stage, the mount's pending files). gc marks
-  from it, and stops if one cannot be read; fsck walks from it.
-* ``derived``: an index over data. It is dropped by gc when anything it names is dead, or
-  when it cannot be read; fsck reports such an entry (``--repair`` drops it).
-* ``plain``: names nothing; kept.
+A family's :class:`Role` is what gc and fsck do with its entries (``ROLE_DOC`` says it in
+words): ``data`` (the chunks and objects, marked and swept), ``root`` (what it names is
+live), ``derived`` (an index over data, dropped when what it names is dead) or ``plain``
+(names nothing).
 
 Keys that carry a repository path (stage, stat cache, skip-worktree, the mount's pending
 entries): one encoding, so that any path a local filesystem accepts fits. LMDB refuses
@@ -102,11 +97,6 @@ def path_key(prefix: bytes, path: str) -> bytes:
 
 def is_hashed(prefix: bytes, key: bytes) -> bool:
     return key[len(prefix):len(prefix) + 1] == HASHED
-
-
-def needs_path_in_value(key: bytes, prefix: bytes) -> bool:
-    """True when ``key`` (made by ``path_key``) does not spell its path."""
-    return is_hashed(prefix, key)
 
 
 def path_of(prefix: bytes, key: bytes, value: dict | None = None) -> str:

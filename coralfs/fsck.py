@@ -1,24 +1,37 @@
 """fsck: verify that everything the repository stores is intact.
 
-Checks
-    * every ref: a branch names a commit, a tag names a tag object naming a commit, a
-      detached HEAD names a commit, an attached HEAD names a valid branch name;
-    * every object reachable from the roots (refs, stage, pending mount data) is present,
-      decodes and hashes to its id; every other object in the store decodes too;
-    * every reachable manifest rebuilds (streamed in blocks, never a whole file in memory)
-      to its recorded size and whole-file hash; this decodes every reachable chunk through
-      its delta chain and checks it against its id;
-    * every remaining chunk in the store (garbage included) decodes and matches its id;
-    * the index: ``c\\0`` commit index entries name commits, every reachable commit has one,
-      ``tb\\0`` tensor base entries and ``st\\0`` stat cache entries name existing data,
-      ``pend\\0`` pending mount entries name existing manifests, ``dm\\0`` pending demotions
-      and ``rv\\0`` reverse-chain counters name existing chunks;
-    * every path in a tree and in the stage is a valid repository path (``objects.path_error``:
-      nothing that could escape the work tree); a tree with such a path is a corrupt object.
+:class:`Checker` has one method per phase (as restic's checker does), run in this order:
 
-``--repair`` fixes only what can be fixed without losing anything: index entries that
-point at missing data are dropped, missing commit index entries are added, stage entries
-with an invalid path (which no coralfs writes) are dropped, and garbage
+``check_refs``
+    every ref: a branch names a commit, a tag names a tag object naming a commit, a
+    detached HEAD names a commit, an attached HEAD names a branch;
+``check_stage``
+    every stage path is a valid repository path (``objects.path_error``: nothing that could
+    escape the work tree);
+``check_roots``
+    the entries of the other ``root`` key families (stage, the mount's pending files and
+    conflicts; coralfs.store.keys) can be read;
+``check_objects``
+    every object reachable from the roots is present, decodes and hashes to its id (a tree
+    with an invalid path is a corrupt object);
+``check_files``
+    every reachable manifest rebuilds (streamed in blocks, never a whole file in memory) to
+    its recorded size and whole-file hash; this decodes every reachable chunk through its
+    delta chain and checks it against its id;
+``check_chunks``
+    every remaining chunk in the store (garbage included) decodes and matches its id, and
+    every other object decodes too;
+``check_index``
+    every entry of a ``derived`` key family names data that exists (the table in
+    coralfs.store.keys says what each entry names: commit index entries name commits,
+    tensor base entries and pending demotions chunks, stat cache entries manifests, ...),
+    and every reachable commit has a commit index entry;
+``check_keys``
+    every key belongs to a key family.
+
+``--repair`` fixes only what can be fixed without losing anything: entries of derived
+families that name missing data are dropped, missing commit index entries are added, stage
+entries with an invalid path (which no coralfs writes) are dropped, and garbage
 (unreachable chunks and objects, including corrupt ones that nothing reachable needs) is
 removed by running gc. Everything else is reported; the CLI exits with
 IntegrityError's exit code when problems remain.
@@ -26,32 +39,31 @@ IntegrityError's exit code when problems remain.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from coralfs.errors import CoralError, MissingObject
-from coralfs.gc import COMMIT_INDEX, CONFLICT_PREFIX, PEND_PREFIX, STAT_INDEX, TENSOR_INDEX, GcAborted, gc
+from coralfs.gc import GcAborted, gc
 from coralfs.hashing import ID_LEN, digest, hasher
-from coralfs.ingest import PENDING_PREFIX as DEMOTION_PREFIX
 from coralfs.reader import FileView
-from coralfs.repack import BELOW_PREFIX
 from coralfs.store import keys, refs
 from coralfs.store.objects import Commit, Manifest, Tag, Tree, deserialize, path_error
 from coralfs.store.objectstore import Headers, ObjectStore
+from coralfs.store.refs import Refs
 
 if TYPE_CHECKING:
     from coralfs.repository import Repository
     from coralfs.store.lmdb import Txn
 
 READ_BLOCK = 8 << 20
+_KIND = {keys.REFS: "ref", keys.STAGE: "stage", keys.INDEX: "index", keys.CONFIG: "config"}  # Problem.kind of a db
 
 
 @dataclass
 class Problem:
-    kind: str  # ref | object | manifest | chunk | index | stage
+    kind: str  # ref | object | manifest | chunk | index | stage | config
     key: str
     message: str
     repairable: bool = False
@@ -97,246 +109,278 @@ class _VerifyingStore(ObjectStore):
 
 
 def fsck(repo: Repository, repair: bool = False, log: Callable[[str], None] | None = None) -> FsckReport:
-    t0 = time.monotonic()
-    say = log or (lambda _m: None)
-    rep = FsckReport()
-    vs = _VerifyingStore(repo.store, cache_bytes=64 << 20)
-    problems = rep.problems
+    """Check the repository (see the module docstring); ``repair`` fixes what is safe to fix."""
+    return Checker(repo, log).run(repair)
 
-    def obj(oid: bytes, kind: str, where: str) -> Any:
+
+class Checker:
+    """One fsck run: each ``check_*`` method is a phase; they share what the walk found."""
+
+    def __init__(self, repo: Repository, log: Callable[[str], None] | None = None) -> None:
+        self.repo = repo
+        self.say = log or (lambda _m: None)
+        self.report = FsckReport()
+        self.problems = self.report.problems
+        self.vs = _VerifyingStore(repo.store, cache_bytes=64 << 20)
+        self.starts: list[tuple[bytes, str]] = []  # root object ids, and what names them
+        self.seen: set[bytes] = set()  # reachable objects
+        self.commits: set[bytes] = set()
+        self.manifests: dict[bytes, Manifest] = {}
+        self.reachable_chunks: set[bytes] = set()
+        self.stage_drop: list[bytes] = []  # repairs: stage keys with an invalid path
+        self.entry_drop: list[tuple[str, bytes]] = []  # ... (database, key) of broken derived entries
+        self.missing_index: list[bytes] = []  # ... reachable commits without a commit index entry
+
+    def run(self, repair: bool = False) -> FsckReport:
+        t0 = time.monotonic()
+        self.check_refs()
+        self.check_stage()
+        self.check_roots()
+        self.check_objects()
+        self.check_files()
+        self.check_chunks()
+        self.check_index()
+        self.check_keys()
+        if repair and any(p.repairable for p in self.problems):
+            self.repair()
+        self.report.seconds = time.monotonic() - t0
+        return self.report
+
+    def _object(self, oid: bytes, kind: str, where: str) -> Any:
         try:
-            return vs.get_object(oid)
+            return self.vs.get_object(oid)
         except MissingObject:
-            problems.append(Problem(kind, oid.hex(), f"missing (referenced by {where})"))
+            self.problems.append(Problem(kind, oid.hex(), f"missing (referenced by {where})"))
         except CoralError as e:
-            problems.append(Problem(kind, oid.hex(), f"corrupt: {e} (referenced by {where})"))
+            self.problems.append(Problem(kind, oid.hex(), f"corrupt: {e} (referenced by {where})"))
         return None
 
-    # -- roots
-    with repo.store.read() as t:
-        ref_items = list(t.items("refs"))
-        stage_items = list(t.items("stage"))
-        pend_items = list(t.items("index", PEND_PREFIX)) + list(t.items("index", CONFLICT_PREFIX))
-    starts: list[tuple[bytes, str]] = []
-    for k, v in ref_items:
-        rep.refs += 1
-        name = k.decode(errors="replace")
-        if k == refs.HEAD:
-            if v.startswith(b"ref:"):
-                target = v[4:].decode(errors="replace")
-                if not target.startswith(refs.BRANCH):
-                    problems.append(Problem("ref", "HEAD", f"points at {target!r}, not a branch"))
+    # ---------------------------------------------------------------- phases
+    def check_refs(self) -> None:
+        """Refs name what their kind says; the valid ones are roots of the walk."""
+        with self.repo.store.read() as t:
+            ref_items = list(Refs(t).all().items())
+        for name, v in ref_items:
+            self.report.refs += 1
+            if name == refs.HEAD:
+                if v.startswith(keys.SYMREF):
+                    target = v[len(keys.SYMREF):].decode(errors="replace")
+                    if not target.startswith(refs.BRANCH):
+                        self.problems.append(Problem("ref", "HEAD", f"points at {target!r}, not a branch"))
+                    continue
+                expect: type = Commit
+            elif name.startswith(refs.BRANCH):
+                expect = Commit
+            elif name.startswith(refs.TAG):
+                expect = Tag
+            else:
+                continue  # a key of no family: check_keys reports it
+            if len(v) != ID_LEN:
+                self.problems.append(Problem("ref", name, f"value is {len(v)} bytes, not an id"))
                 continue
-            expect: type = Commit
-        elif name.startswith(refs.BRANCH):
-            expect = Commit
-        elif name.startswith(refs.TAG):
-            expect = Tag
-        else:
-            problems.append(Problem("ref", name, "unknown kind of ref"))
-            continue
-        if len(v) != ID_LEN:
-            problems.append(Problem("ref", name, f"value is {len(v)} bytes, not an id"))
-            continue
-        o = obj(v, "object", name)
-        if o is None:
-            continue
-        if not isinstance(o, expect):
-            problems.append(Problem("ref", name, f"points at a {type(o).__name__}, not a {expect.__name__}"))
-            continue
-        starts.append((v, name))
-    stage_drop: list[bytes] = []
-    for k, v in stage_items:  # a stage path may reach a commit and the work tree: validate it
-        try:
-            path = keys.path_of(b"", k, json.loads(v) if keys.is_hashed(b"", k) else None)
-        except (ValueError, TypeError) as e:
-            problems.append(Problem("stage", repr(k)[:80], f"unreadable path: {e}", repairable=True))
-            stage_drop.append(k)
-            continue
-        err = path_error(path)
-        if err is not None:
-            problems.append(Problem("stage", repr(k)[:80], f"invalid path: {err}", repairable=True))
-            stage_drop.append(k)
-    for k, v, where in [(k, v, "stage " + k.decode(errors="replace")) for k, v in stage_items] + \
-            [(k, v, "pending " + k.decode(errors="replace")) for k, v in pend_items]:
-        try:
-            d = json.loads(v)
-        except ValueError:
-            problems.append(Problem("stage", k.decode(errors="replace"), "unreadable entry"))
-            continue
-        if isinstance(d, dict) and d.get("m"):
-            starts.append((bytes.fromhex(d["m"]), where))
+            o = self._object(v, "object", name)
+            if o is None:
+                continue
+            if not isinstance(o, expect):
+                self.problems.append(Problem("ref", name, f"points at a {type(o).__name__}, not a {expect.__name__}"))
+                continue
+            self.starts.append((v, name))
 
-    # -- reachable objects
-    seen: set[bytes] = set()
-    commits: set[bytes] = set()
-    manifests: dict[bytes, Manifest] = {}
-    stack = list(starts)
-    while stack:
-        oid, where = stack.pop()
-        if oid in seen:
-            continue
-        seen.add(oid)
-        o = obj(oid, "object", where)
-        if o is None:
-            continue
-        rep.objects += 1
-        label = f"{type(o).__name__.lower()} {oid.hex()[:12]}"
-        if isinstance(o, Tag):
-            stack.append((o.commit, label))
-        elif isinstance(o, Commit):
-            commits.add(oid)
-            stack.append((o.tree, label))
-            stack.extend((p, label) for p in o.parents)
-        elif isinstance(o, Tree):
-            stack.extend((e.manifest, f"{label}:{p}") for p, e in o.entries.items())
-        elif isinstance(o, Manifest):
-            manifests[oid] = o
-    say(f"checked {rep.objects} reachable objects")
+    def check_stage(self) -> None:
+        """A stage path may reach a commit and the work tree: it must be a valid path."""
+        with self.repo.store.read() as t:
+            stage_items = list(t.items(keys.STAGE))
+        for k, v in stage_items:
+            try:
+                path = keys.path_of_raw(keys.STAGE_PREFIX, k, v)
+            except (ValueError, TypeError) as e:
+                self.problems.append(Problem("stage", repr(k)[:80], f"unreadable path: {e}", repairable=True))
+                self.stage_drop.append(k)
+                continue
+            err = path_error(path)
+            if err is not None:
+                self.problems.append(Problem("stage", repr(k)[:80], f"invalid path: {err}", repairable=True))
+                self.stage_drop.append(k)
 
-    # -- manifests: rebuild every file, streamed
-    reachable_chunks: set[bytes] = set()
-    for mid, man in manifests.items():
-        reachable_chunks.update(man.chunk_ids())
-        view = FileView(vs, man)
-        h = hasher()
-        pos = 0
-        try:
-            while pos < man.size:
-                block = view.pread(pos, READ_BLOCK)
-                if not block:
-                    break
-                h.update(block)
-                pos += len(block)
-        except CoralError as e:
-            problems.append(Problem("manifest", mid.hex(), f"unreadable at offset {pos}: {e}"))
-            continue
-        rep.manifests += 1
-        rep.bytes_verified += pos
-        if pos != man.size:
-            problems.append(Problem("manifest", mid.hex(), f"rebuilds to {pos} bytes, expected {man.size}"))
-        elif h.digest() != man.file_hash:
-            problems.append(Problem("manifest", mid.hex(), "rebuilt file does not match its recorded hash"))
-    vs.chunk_cache.clear()
-    say(f"rebuilt {rep.manifests} files ({rep.bytes_verified} bytes)")
+    def check_roots(self) -> None:
+        """The entries of every other root family (stage, pending mount data) can be read; what
+        they name is a root of the walk."""
+        with self.repo.store.read() as t:
+            entries = [(fam, k, v) for fam in keys.families(role=keys.Role.ROOT) if fam.db != keys.REFS
+                       for k, v in fam.items(t)]
+        for fam, k, v in entries:
+            try:
+                named = fam.named(k, v)
+            except keys.Unreadable:
+                self.problems.append(Problem(_KIND.get(fam.db, fam.db), k.decode(errors="replace"), "unreadable entry"))
+                continue
+            self.starts.extend((oid, f"{fam.name} {k.decode(errors='replace')}") for _, oid in named)
 
-    # -- every other chunk and object in the store
-    with repo.store.read() as t:
-        chunk_ids = list(t.keys("chunks"))
-        object_ids = list(t.keys("objects"))
-    # base chains of reachable chunks (never garbage while needed)
-    needed_bases = {b for _, h, _ in Headers(store=vs.store).walk(reachable_chunks, skip_bad=True) for b in h.bases}
-    garbage_bad: list[bytes] = []
-    for cid in chunk_ids:
-        rep.chunks += 1
-        if cid not in reachable_chunks and cid not in needed_bases:
-            rep.garbage_chunks += 1
-        if cid in vs.verified:
-            continue
-        try:
-            vs.get_chunk(cid)
-        except CoralError as e:
-            garbage = cid not in reachable_chunks and cid not in needed_bases
-            problems.append(Problem("chunk", cid.hex(), str(e) + (" (unreachable garbage)" if garbage else ""),
-                                    repairable=garbage))
+    def check_objects(self) -> None:
+        """Every object reachable from the roots is present and intact."""
+        stack = list(self.starts)
+        while stack:
+            oid, where = stack.pop()
+            if oid in self.seen:
+                continue
+            self.seen.add(oid)
+            o = self._object(oid, "object", where)
+            if o is None:
+                continue
+            self.report.objects += 1
+            label = f"{type(o).__name__.lower()} {oid.hex()[:12]}"
+            if isinstance(o, Tag):
+                stack.append((o.commit, label))
+            elif isinstance(o, Commit):
+                self.commits.add(oid)
+                stack.append((o.tree, label))
+                stack.extend((p, label) for p in o.parents)
+            elif isinstance(o, Tree):
+                stack.extend((e.manifest, f"{label}:{p}") for p, e in o.entries.items())
+            elif isinstance(o, Manifest):
+                self.manifests[oid] = o
+        self.say(f"checked {self.report.objects} reachable objects")
+
+    def check_files(self) -> None:
+        """Every reachable manifest rebuilds, streamed, to its size and whole-file hash."""
+        rep = self.report
+        for mid, man in self.manifests.items():
+            self.reachable_chunks.update(man.chunk_ids())
+            view = FileView(self.vs, man)
+            h = hasher()
+            pos = 0
+            try:
+                while pos < man.size:
+                    block = view.pread(pos, READ_BLOCK)
+                    if not block:
+                        break
+                    h.update(block)
+                    pos += len(block)
+            except CoralError as e:
+                self.problems.append(Problem("manifest", mid.hex(), f"unreadable at offset {pos}: {e}"))
+                continue
+            rep.manifests += 1
+            rep.bytes_verified += pos
+            if pos != man.size:
+                self.problems.append(Problem("manifest", mid.hex(), f"rebuilds to {pos} bytes, expected {man.size}"))
+            elif h.digest() != man.file_hash:
+                self.problems.append(Problem("manifest", mid.hex(), "rebuilt file does not match its recorded hash"))
+        self.vs.chunk_cache.clear()
+        self.say(f"rebuilt {rep.manifests} files ({rep.bytes_verified} bytes)")
+
+    def check_chunks(self) -> None:
+        """Every other chunk and object in the store decodes (garbage included)."""
+        rep, vs = self.report, self.vs
+        with self.repo.store.read() as t:
+            chunk_ids = list(t.keys(keys.CHUNKS))
+            object_ids = list(t.keys(keys.OBJECTS))
+        # base chains of reachable chunks (never garbage while needed)
+        needed_bases = {b for _, h, _ in Headers(store=vs.store).walk(self.reachable_chunks, skip_bad=True)
+                        for b in h.bases}
+        for cid in chunk_ids:
+            rep.chunks += 1
+            garbage = cid not in self.reachable_chunks and cid not in needed_bases
             if garbage:
-                garbage_bad.append(cid)
-        if vs.chunk_cache.size > (48 << 20):
-            vs.chunk_cache.clear()
-    for oid in object_ids:
-        if oid in seen:
-            continue
-        rep.garbage_objects += 1
-        with repo.store.read() as t:
-            data = t.get("objects", oid)
-        try:
-            if data is None or digest(data) != oid:
-                raise CoralError("does not match its id")
-            deserialize(data)
-        except CoralError as e:
-            problems.append(Problem("object", oid.hex(), f"unreachable and corrupt: {e}", repairable=True))
-    say(f"checked {rep.chunks} chunks")
+                rep.garbage_chunks += 1
+            if cid in vs.verified:
+                continue
+            try:
+                vs.get_chunk(cid)
+            except CoralError as e:
+                self.problems.append(Problem("chunk", cid.hex(), str(e) + (" (unreachable garbage)" if garbage else ""),
+                                             repairable=garbage))
+            if vs.chunk_cache.size > (48 << 20):
+                vs.chunk_cache.clear()
+        for oid in object_ids:
+            if oid in self.seen:
+                continue
+            rep.garbage_objects += 1
+            with self.repo.store.read() as t:
+                data = t.get(keys.OBJECTS, oid)
+            try:
+                if data is None or digest(data) != oid:
+                    raise CoralError("does not match its id")
+                deserialize(data)
+            except CoralError as e:
+                self.problems.append(Problem("object", oid.hex(), f"unreachable and corrupt: {e}", repairable=True))
+        self.say(f"checked {rep.chunks} chunks")
 
-    # -- index
-    index_drop: list[bytes] = []
-    with repo.store.read() as t:
-        indexed = {k[len(COMMIT_INDEX):] for k in t.keys("index", COMMIT_INDEX)}
-        for prefix in (COMMIT_INDEX, TENSOR_INDEX, STAT_INDEX, PEND_PREFIX, DEMOTION_PREFIX, BELOW_PREFIX):
-            for k, v in t.items("index", prefix):
-                msg = _index_problem(t, k, v, prefix)
-                if msg:
-                    repairable = prefix != PEND_PREFIX
-                    problems.append(Problem("index", repr(k)[:80], msg, repairable))
-                    if repairable:
-                        index_drop.append(k)
-    missing_index = sorted(commits - indexed)
-    for c in missing_index:
-        problems.append(Problem("index", c.hex(), "reachable commit missing from the commit index", True))
+    def check_index(self) -> None:
+        """Entries of derived key families name what exists; every reachable commit is indexed."""
+        with self.repo.store.read() as t:
+            for fam in keys.families(role=keys.Role.DERIVED):
+                for k, v in fam.items(t):
+                    msg = _entry_problem(t, fam, k, v)
+                    if msg:
+                        self.problems.append(Problem(_KIND.get(fam.db, fam.db), repr(k)[:80], msg, True))
+                        self.entry_drop.append((fam.db, k))
+            indexed = set(Refs(t).commits())
+        self.missing_index = sorted(self.commits - indexed)
+        for c in self.missing_index:
+            self.problems.append(Problem("index", c.hex(), "reachable commit missing from the commit index", True))
 
-    if repair and any(p.repairable for p in problems):
-        _repair(repo, rep, index_drop, missing_index, say, stage_drop)
-    rep.seconds = time.monotonic() - t0
-    return rep
+    def check_keys(self) -> None:
+        """Every key belongs to a key family (gc refuses to run while one does not)."""
+        with self.repo.store.read() as t:
+            unknown = keys.unknown_keys(t)
+        for db, k in unknown:
+            self.problems.append(Problem(_KIND.get(db, db), repr(k)[:80], "belongs to no key family known to "
+                                         "this coralfs (gc will not run while it is there)"))
+
+    # ---------------------------------------------------------------- repair
+    def repair(self) -> None:
+        rep, say = self.report, self.say
+        entry_drop, missing_index, stage_drop = self.entry_drop, self.missing_index, self.stage_drop
+        if entry_drop or missing_index or stage_drop:
+            def fn(t: Txn) -> None:
+                for db, k in entry_drop:
+                    t.delete(db, k)
+                r = Refs(t)
+                for c in missing_index:
+                    r.index_commit(c)
+                for k in stage_drop:  # no coralfs writes such an entry: it came with the repository
+                    t.delete(keys.STAGE, k)
+
+            self.repo.store.write(fn)
+            rep.repaired += [f"dropped {_KIND.get(db, db)} entry {k!r}"[:100] for db, k in entry_drop]
+            rep.repaired += [f"dropped stage entry {k!r}"[:100] for k in stage_drop]
+            rep.repaired += [f"indexed commit {c.hex()[:12]}" for c in missing_index]
+        if any(p.repairable and p.kind in ("chunk", "object") for p in rep.problems):
+            try:
+                st = gc(self.repo, grace=0)
+                rep.repaired.append(f"gc removed {st.chunks_swept} chunks and {st.objects_swept} objects")
+            except GcAborted as e:
+                say(f"garbage not removed: {e}")
+                return
+        with self.repo.store.read() as t:
+            def still_there(p: Problem) -> bool:
+                if p.kind in ("chunk", "object"):
+                    return t.has(keys.CHUNKS if p.kind == "chunk" else keys.OBJECTS, bytes.fromhex(p.key))
+                return False
+
+            rep.problems[:] = [p for p in rep.problems if not p.repairable or still_there(p)]
+        say(f"repaired {len(rep.repaired)} things")
 
 
-def _index_problem(t: Txn, k: bytes, v: bytes, prefix: bytes) -> str | None:
-    if prefix == COMMIT_INDEX:
-        data = t.get("objects", k[len(prefix):])
-        if data is None:
-            return "commit index entry names a missing commit"
-        try:
-            if not isinstance(deserialize(data), Commit):
-                return "commit index entry names a non-commit"
-        except CoralError:
-            return "commit index entry names an undecodable object"
-        return None
-    if prefix == TENSOR_INDEX:
-        return None if len(v) == ID_LEN and t.has("chunks", v) else "tensor base index names a missing chunk"
-    if prefix == DEMOTION_PREFIX:  # dropping one loses nothing: the older version stays whole
-        body = k[len(prefix) + 8 :]
-        ok = len(body) == 2 * ID_LEN and t.has("chunks", body[:ID_LEN]) and t.has("chunks", body[ID_LEN:])
-        return None if ok else "pending demotion names a missing chunk"
-    if prefix == BELOW_PREFIX:
-        return None if t.has("chunks", k[len(prefix):]) else "reverse-chain counters of a missing chunk"
+def _entry_problem(t: Txn, fam: keys.Family, k: bytes, v: bytes) -> str | None:
+    """What is wrong with an entry of a derived family, if anything: it cannot be read, or
+    something it names is missing (a named commit must decode as a commit)."""
     try:
-        m = bytes.fromhex(json.loads(v)["m"])
-    except (ValueError, KeyError, TypeError):
+        named = fam.named(k, v)
+    except keys.Unreadable:
         return "unreadable entry"
-    if not t.has("objects", m):
-        return ("pending mount data names a missing manifest" if prefix == PEND_PREFIX
-                else "stat cache entry names a missing manifest")
+    for kind, i in named:
+        if kind == keys.CHUNK:
+            if len(i) != ID_LEN or not t.has(keys.CHUNKS, i):
+                return fam.missing
+            continue
+        data = t.get(keys.OBJECTS, i) if len(i) == ID_LEN else None
+        if data is None:
+            return fam.missing
+        if kind == keys.COMMIT:
+            try:
+                if not isinstance(deserialize(data), Commit):
+                    return f"{fam.name} entry names a non-commit"
+            except CoralError:
+                return f"{fam.name} entry names an undecodable object"
     return None
-
-
-def _repair(repo: Repository, rep: FsckReport, index_drop: list[bytes], missing_index: list[bytes],
-            say: Callable[[str], None], stage_drop: list[bytes] | None = None) -> None:
-    stage_drop = stage_drop or []
-    if index_drop or missing_index or stage_drop:
-        def fn(t: Txn) -> None:
-            for k in index_drop:
-                t.delete("index", k)
-            for c in missing_index:
-                t.put("index", COMMIT_INDEX + c, b"")
-            for k in stage_drop:  # no coralfs writes such an entry: it came with the repository
-                t.delete("stage", k)
-
-        repo.store.write(fn)
-        rep.repaired += [f"dropped index entry {k!r}"[:100] for k in index_drop]
-        rep.repaired += [f"dropped stage entry {k!r}"[:100] for k in stage_drop]
-        rep.repaired += [f"indexed commit {c.hex()[:12]}" for c in missing_index]
-    if any(p.repairable and p.kind in ("chunk", "object") for p in rep.problems):
-        try:
-            st = gc(repo, grace=0)
-            rep.repaired.append(f"gc removed {st.chunks_swept} chunks and {st.objects_swept} objects")
-        except GcAborted as e:
-            say(f"garbage not removed: {e}")
-            return
-    with repo.store.read() as t:
-        def still_there(p: Problem) -> bool:
-            if p.kind in ("chunk", "object"):
-                return t.has("chunks" if p.kind == "chunk" else "objects", bytes.fromhex(p.key))
-            return False
-
-        rep.problems[:] = [p for p in rep.problems if not p.repairable or still_there(p)]
-    say(f"repaired {len(rep.repaired)} things")
-

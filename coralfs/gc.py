@@ -1,10 +1,14 @@
 """Garbage collection: mark what is reachable, re-encode orphaned deltas, sweep the rest.
 
+Keys are walked by family, from the table in :mod:`coralfs.store.keys` (nothing here lists
+a family): a key that belongs to no family stops gc before anything is marked, since what it
+keeps alive is unknown (``UnknownKeys``; ``coralfs fsck`` lists such keys).
+
 Roots (what is never swept)
-    every ref (branches, tags -> tag object -> commit, a detached HEAD), every stage entry,
-    and pending mount data (``index`` keys ``b"pend\\x00..."`` and, refused by a concurrent
-    commit but kept for recovery, ``b"pend-conflict\\x00..."``, whose JSON value names a
-    manifest as hex ``"m"``). From a root: commit -> tree + parents, tree -> manifests,
+    every entry of a ``root`` family: refs (branches, tags -> tag object -> commit, a
+    detached HEAD), stage entries, and the mount's pending data (pending files and, refused
+    by a concurrent commit but kept for recovery, conflicts), whose JSON value names a
+    manifest as hex ``"m"``. From a root: commit -> tree + parents, tree -> manifests,
     manifest -> chunks, tag -> commit.
 
 Phases (``Collector``, one method each; each write is a bounded transaction; SIGKILL at any
@@ -13,10 +17,10 @@ point leaves a consistent repository and a rerun finishes the job)
 1. **mark** (``mark``) in one read snapshot (no writes), and list the candidates from that
    same snapshot. A reachable object that is missing or corrupt aborts gc: what it
    references is unknown, so nothing may be swept.
-2. **sweep** (``sweep``) what nothing needs, in batches: index entries that point at dead
-   things first (commit index ``c\\0``, tensor base index ``tb\\0``, stat cache ``st\\0``: a
-   cache entry must never outlive the manifest it names), then dead objects, then dead
-   chunks that are not a base of any live chunk. Each batch transaction first checks whether
+2. **sweep** (``sweep``) what nothing needs, in batches: entries of ``derived`` families
+   that name a dead thing (or cannot be read) first (the commit index, the tensor base index,
+   pending demotions, reverse-chain counters, the stat cache: a cache entry must never outlive
+   the manifest it names), then dead objects, then dead chunks that are not a base of any live chunk. Each batch transaction first checks whether
    the roots changed since the mark (a ref moved, a stage entry appeared); if so it marks
    from the new roots inside the transaction (keeping the bases of newly marked chunks)
    before it deletes anything. Only keys listed in the mark snapshot are candidates, so
@@ -57,10 +61,8 @@ from typing import TYPE_CHECKING, Any
 
 from coralfs.codec import records
 from coralfs.errors import ConcurrentUpdate, CoralError, IntegrityError
-from coralfs.hashing import ID_LEN, digest, hasher
-from coralfs.ingest import PENDING_PREFIX
-from coralfs.repack import BELOW_PREFIX
-from coralfs.store import refs
+from coralfs.hashing import digest, hasher
+from coralfs.store import keys
 from coralfs.store.lmdb import Txn
 from coralfs.store.objects import Commit, Manifest, Tag, Tree
 from coralfs.store.objectstore import Headers, ObjectStore
@@ -68,11 +70,7 @@ from coralfs.store.objectstore import Headers, ObjectStore
 if TYPE_CHECKING:
     from coralfs.repository import Repository
 
-PEND_PREFIX = b"pend\x00"
-CONFLICT_PREFIX = b"pend-conflict\x00"  # mount changes refused by a concurrent commit, kept
-COMMIT_INDEX = b"c\x00"
-TENSOR_INDEX = b"tb\x00"
-STAT_INDEX = b"st\x00"
+UNKNOWN_SHOWN = 5  # unknown keys named in UnknownKeys' message
 
 #: Test hook: ``CORALFS_GC_KILL_AT=PHASE[:N]`` sends SIGKILL to this process right after the
 #: N-th (default 1st) event of PHASE: mark, sweep-index, sweep-objects, sweep-chunks, reencode,
@@ -86,6 +84,10 @@ GRACE_SECONDS = 0.25
 
 class GcAborted(IntegrityError):
     """gc stopped: a reachable object is missing or corrupt (run `coralfs fsck`)"""
+
+
+class UnknownKeys(GcAborted):
+    """gc stopped: keys that belong to no key family (coralfs.store.keys)"""
 
 
 @dataclass
@@ -158,25 +160,18 @@ class Marker:
 
     @staticmethod
     def roots(t: Txn) -> tuple[list[bytes], bytes]:
-        """Root object ids and a fingerprint of everything roots are made of."""
+        """Root object ids (what the entries of every ``root`` family name) and a fingerprint
+        of those entries."""
         ids: list[bytes] = []
         h = hasher()
-        for k, v in t.items("refs"):
-            h.update(len(k).to_bytes(4, "little") + k + len(v).to_bytes(4, "little") + v)
-            if k == refs.HEAD and v.startswith(b"ref:"):
-                continue
-            if len(v) == ID_LEN:
-                ids.append(v)
-        for db, prefix in (("stage", b""), ("index", PEND_PREFIX), ("index", CONFLICT_PREFIX)):
-            for k, v in t.items(db, prefix):
+        for fam in keys.families(role=keys.Role.ROOT):
+            for k, v in fam.items(t):
                 h.update(len(k).to_bytes(4, "little") + k + len(v).to_bytes(4, "little") + v)
                 try:
-                    d = json.loads(v)
-                except ValueError as e:
-                    raise GcAborted(f"gc stopped: unreadable {db} entry {k!r}: {e}") from e
-                m = d.get("m") if isinstance(d, dict) else None
-                if m:
-                    ids.append(bytes.fromhex(m))
+                    named = fam.named(k, v)
+                except keys.Unreadable as e:
+                    raise GcAborted(f"gc stopped: unreadable {fam.db} entry {k!r}: {e}") from e
+                ids.extend(oid for _, oid in named)
         return ids, h.digest()
 
     def mark_roots(self, t: Txn) -> set[bytes]:
@@ -298,7 +293,7 @@ class Collector:
         # the candidates, listed from the mark's snapshot (nothing created after it is swept)
         self.dead_chunks: list[tuple[bytes, int]] = []
         self.dead_objects: list[tuple[bytes, int]] = []
-        self.dead_index: list[bytes] = []
+        self.dead_index: list[tuple[str, bytes]] = []  # (database, key)
         self.orphans: list[bytes] = []  # live chunks naming a dead base, by delta depth
         self.needed: set[bytes] = set()  # dead chunks in the base chains of the orphans
 
@@ -329,6 +324,11 @@ class Collector:
         orphans: list[tuple[int, bytes]] = []
         bad: dict[bytes, CoralError] = {}
         with self.repo.store.read() as t:
+            unknown = keys.unknown_keys(t, UNKNOWN_SHOWN)
+            if unknown:
+                raise UnknownKeys("gc stopped: keys that belong to no key family known to this coralfs ("
+                                  + ", ".join(f"{db} {k[:60]!r}" for db, k in unknown)
+                                  + "): what they keep alive is unknown, so nothing is swept (run `coralfs fsck`)")
             marker.mark_roots(t)
             for oid, size, _ in t.scan("objects", 0):
                 stats.objects_total += 1
@@ -344,9 +344,12 @@ class Collector:
                     continue
                 if any(b not in marker.chunks for b in h.bases):
                     orphans.append((h.depth, cid))
-            for key, v in t.items("index"):
-                if not _index_live(key, v, marker):
-                    self.dead_index.append(key)
+            for db in keys.DATABASES:
+                if db in keys.DATA_DATABASES:
+                    continue
+                for key, v in t.items(db):
+                    if not _entry_live(db, key, v, marker):
+                        self.dead_index.append((db, key))
         stats.commits = marker.commits
         self.say(f"marked {marker.commits} commits, {len(marker.objects)} objects, {len(marker.chunks)} chunks")
         _hook("mark")
@@ -367,7 +370,8 @@ class Collector:
         """Sweep what nothing needs: dead index entries (first: a cache entry must never outlive
         what it names), objects, and dead chunks that are no base of a live one."""
         self.needed = self._dead_bases(self.orphans)
-        self._sweep("index", [(k, 0) for k in self.dead_index], "sweep-index")
+        for db in sorted({db for db, _ in self.dead_index}):
+            self._sweep(db, [(k, 0) for d, k in self.dead_index if d == db], "sweep-index")
         self._sweep("objects", self.dead_objects, "sweep-objects")
         self._sweep("chunks", [c for c in self.dead_chunks if c[0] not in self.needed], "sweep-chunks")
         # LMDB reuses the pages a transaction freed only from the transaction after the next
@@ -383,10 +387,10 @@ class Collector:
 
         return {b for _, h, _ in Headers(store=self.repo.store).walk(live, dead, skip_bad=True) for b in dead(h)}
 
-    def _sweep(self, db: str, keys: list[tuple[bytes, int]], phase: str) -> None:
+    def _sweep(self, db: str, todo: list[tuple[bytes, int]], phase: str) -> None:
         marker, stats = self.marker, self.stats
-        for i in range(0, len(keys), self.batch_keys):
-            part = keys[i : i + self.batch_keys]
+        for i in range(0, len(todo), self.batch_keys):
+            part = todo[i : i + self.batch_keys]
 
             def fn(t: Txn, part: list[tuple[bytes, int]] = part) -> tuple[int, int, int]:
                 remarked = 0
@@ -398,9 +402,9 @@ class Collector:
                     remarked = 1
                 n = nbytes = 0
                 for key, size in part:
-                    if db == "index":
-                        v = t.get("index", key)
-                        if v is None or _index_live(key, v, marker):
+                    if db not in keys.DATA_DATABASES:
+                        v = t.get(db, key)
+                        if v is None or _entry_live(db, key, v, marker):
                             continue
                     elif key in (marker.objects if db == "objects" else marker.chunks):
                         continue
@@ -411,7 +415,7 @@ class Collector:
 
             n, nbytes, remarked = self.repo.store.write(fn)
             stats.remarks += remarked
-            if db == "index":
+            if db not in keys.DATA_DATABASES:
                 stats.index_swept += n
             elif db == "objects":
                 stats.objects_swept += n
@@ -423,7 +427,7 @@ class Collector:
 
     def _note(self, state: dict[str, Any]) -> None:
         """Record gc progress in ``config`` under ``b"gc"`` (informational)."""
-        self.repo.store.write(lambda t: t.put("config", b"gc", json.dumps(state).encode()))
+        self.repo.store.write(lambda t: t.put("config", keys.GC_NOTE, json.dumps(state).encode()))
 
     # 3. ---------------------------------------------------------------- re-encode
     def reencode(self) -> None:
@@ -529,24 +533,17 @@ class _Reencoder:
         return old, rec, nh
 
 
-def _index_live(key: bytes, value: bytes, marker: Marker) -> bool:
-    """Whether an index entry still points at something live (unknown kinds are kept)."""
-    if key.startswith(COMMIT_INDEX):
-        return key[len(COMMIT_INDEX):] in marker.objects
-    if key.startswith(TENSOR_INDEX):
-        return value in marker.chunks
-    if key.startswith(PENDING_PREFIX):  # a demotion still to do: both versions must live
-        body = key[len(PENDING_PREFIX) + 8 :]
-        return body[:ID_LEN] in marker.chunks and body[ID_LEN:] in marker.chunks
-    if key.startswith(BELOW_PREFIX):
-        return key[len(BELOW_PREFIX):] in marker.chunks
-    if key.startswith(STAT_INDEX):
-        try:
-            m = json.loads(value).get("m")
-            return m is not None and bytes.fromhex(m) in marker.objects
-        except (ValueError, AttributeError):
-            return False  # a cache entry nobody can use
-    return True
+def _entry_live(db: str, key: bytes, value: bytes, marker: Marker) -> bool:
+    """Whether an entry may stay: one of a ``derived`` family only while everything it names
+    is live (and it can be read); any other entry always."""
+    fam = keys.family_of(db, key)
+    if fam is None or fam.role is not keys.Role.DERIVED:
+        return True
+    try:
+        named = fam.named(key, value)
+    except keys.Unreadable:
+        return False  # an entry nobody can use
+    return all(i in (marker.chunks if kind == keys.CHUNK else marker.objects) for kind, i in named)
 
 
 # ------------------------------------------------------------------ compact

@@ -54,11 +54,12 @@ from coralfs.codec import records
 from coralfs.errors import ConcurrentUpdate, CoralError, NoSpace
 from coralfs.formats import Region, split
 from coralfs.hashing import ID_LEN, digest
-from coralfs.store.keys import HASHED, MAX_INLINE
+from coralfs.store.keys import DEMOTIONS, NOSPACE_NOTE, demotion_chunks, demotion_key, tensor_index_key
 from coralfs.store.lmdb import Txn
 from coralfs.store.locks import gate_for
 from coralfs.store.objects import Commit, Manifest, Piece, Segment, Tag, Tree, deserialize
 from coralfs.store.objectstore import Headers, ObjectStore
+from coralfs.store.refs import Refs
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,6 @@ BATCH_BYTES = 64 << 20
 DEFAULT_MAX_DEPTH = 8  # hard bound on forward chain depth
 KEYFRAME_EVERY = 16  # forward chains: versions per keyframe cycle
 SUBCHAIN = 4  # forward chains: every SUBCHAIN-th version deltas against the cycle's keyframe
-PENDING_PREFIX = b"dm\x00"  # index: PENDING_PREFIX + seq (8) + new chunk + previous chunk -> b""
 
 Progress = Callable[[int, int], None]
 
@@ -134,27 +134,6 @@ def _clear_frames(exc: BaseException) -> None:
         seen.add(id(e))
         traceback.clear_frames(e.__traceback__)
         stack += [e.__cause__, e.__context__]
-
-
-def pending_key(new: bytes, prev: bytes) -> bytes:
-    """Index key of a pending demotion: ordered by time, so the repacker demotes a lineage's
-    versions oldest first (each one's chain accounting is final before the next)."""
-    return PENDING_PREFIX + time.time_ns().to_bytes(8, "big") + new + prev
-
-
-TENSOR_INDEX = b"tb\x00"
-
-
-def tensor_index_key(dtype: str, name: str, piece: int) -> bytes:
-    """``tb\0<dtype>\0<name>\0<piece>``; past ``keys.MAX_INLINE`` bytes (LMDB refuses keys over
-    511) ``tb\0/`` + BLAKE3(dtype\0name) + ``\0<piece>`` instead. A dtype never starts with
-    ``/``, and keys that fit are the ones every earlier version wrote (their delta bases stay)."""
-    ident = dtype.encode("utf-8", "surrogatepass") + b"\x00" + name.encode("utf-8", "surrogatepass")
-    tail = b"\x00" + str(piece).encode()
-    key = TENSOR_INDEX + ident + tail
-    if len(key) <= MAX_INLINE:
-        return key
-    return TENSOR_INDEX + HASHED + digest(ident) + tail
 
 
 class MappedFile:
@@ -246,7 +225,7 @@ class Ingestor:
         # small write (a note, as gc leaves one) lets a rerun of the ingest reuse them at once
         with contextlib.suppress(CoralError):
             note = {"time": time.time(), "chunks_removed": removed.chunks, "bytes_removed": removed.bytes}
-            self.ostore.store.write(lambda t: t.put("config", b"nospace", json.dumps(note).encode()))
+            self.ostore.store.write(lambda t: t.put("config", NOSPACE_NOTE, json.dumps(note).encode()))
         kept = f"; {removed.kept} kept: another writer uses them" if removed.kept else ""
         if not removed.chunks and not removed.objects:
             return f"nothing was left behind{kept}"
@@ -270,7 +249,7 @@ class Ingestor:
         about to reference it: writers hold the shared side of the lock from their first record
         until what they wrote is referenced. So deleting it cannot touch anyone's data."""
         mentioned: set[bytes] = set()
-        for _, v in t.items("refs"):
+        for v in Refs(t).all().values():
             if len(v) == ID_LEN:
                 mentioned.add(v)
         for db in ("stage", "index"):
@@ -323,8 +302,8 @@ class Ingestor:
         dead &= set(sizes)
         out = Removed(kept=len(sizes) - len(dead))
         for k in keys:
-            if k.startswith(PENDING_PREFIX):
-                if k[len(PENDING_PREFIX) + 8 :][:ID_LEN] in dead:
+            if k.startswith(DEMOTIONS):
+                if demotion_chunks(k)[0] in dead:
                     t.delete("index", k)
             elif t.get("index", k) in dead:
                 t.delete("index", k)
@@ -429,7 +408,7 @@ class Ingestor:
             if t.put("chunks", cid, rec, overwrite=False):
                 chunks.append(cid)
         for new, prev in pending:
-            key = pending_key(new, prev)
+            key = demotion_key(new, prev)
             t.put("index", key, b"")
             keys.append(key)
         return chunks, keys

@@ -31,12 +31,11 @@ from typing import TYPE_CHECKING, Any
 from coralfs.errors import ConcurrentUpdate, InvalidArgument, UnknownRevision
 from coralfs.store import refs
 from coralfs.store.objects import Commit
+from coralfs.store.refs import Refs
 
 if TYPE_CHECKING:
     from coralfs.repository import Repository
     from coralfs.store.lmdb import Txn
-
-_COMMIT_INDEX = b"c\x00"
 
 
 @dataclass
@@ -149,7 +148,7 @@ def _rewrite(repo: Repository, t: Txn, plan: PrunePlan) -> bytes | None:
         new = Commit(c.tree, ((parent,) if parent else ()) + c.parents[1:], c.author, c.time, c.message,
                      dict(c.metrics), dict(c.meta))
         parent = repo.objects.put_object(t, new)
-        t.put("index", _COMMIT_INDEX + parent, b"")
+        Refs(t).index_commit(parent)
         plan.rewritten += 1
     return parent
 
@@ -159,15 +158,15 @@ def apply_prune(repo: Repository, plan: PrunePlan) -> PrunePlan:
     if not plan.drop:
         plan.new_head = plan.head
         return plan
-    key = refs.branch_key(plan.branch)
 
     def fn(t: Txn) -> bytes | None:
-        if t.get("refs", key) != plan.head:
+        r = Refs(t)
+        if r.branch(plan.branch) != plan.head:
             raise ConcurrentUpdate(f"branch {plan.branch!r} moved while pruning")
         new_head = _rewrite(repo, t, plan)
         if new_head is None:  # cannot happen: the head is always kept
             raise InvalidArgument("prune would leave the branch empty")
-        t.cas("refs", key, plan.head, new_head)
+        r.set_if_equals(refs.branch_ref(plan.branch), plan.head, new_head)
         return new_head
 
     plan.new_head = repo.store.write(fn)

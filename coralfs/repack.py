@@ -24,8 +24,8 @@ that bounds the chains hanging below it. P stays whole when
   costs little storage (training from scratch, where a delta saves ~12%), while
   fine-tunes, whose deltas save 60-90%, keep their storage.
 
-What a keyframe knows about the chains ending at it lives in the index (``BELOW_PREFIX``
-+ chunk id -> deltas on the longest chain, their bytes in 1/256ths of the piece).
+What a keyframe knows about the chains ending at it lives in the index (``keys.below_key``:
+``rv\0`` + chunk id -> deltas on the longest chain, their bytes in 1/256ths of the piece).
 
 Each demotion is applied in a write transaction that first checks P and N are both still
 keyframes, so every delta points at a chunk that was a keyframe when the delta was
@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass
 from coralfs.codec import records
 from coralfs.errors import CoralError
 from coralfs.hashing import ID_LEN
-from coralfs.ingest import PENDING_PREFIX
+from coralfs.store.keys import DEMOTIONS, below_key, demotion_chunks
 from coralfs.store.lmdb import Txn
 from coralfs.store.objectstore import Headers, ObjectStore
 
@@ -61,7 +61,6 @@ ROOT_WEIGHT = 5  # ... where a lineage's first version counts as five readers
 KEEP_RATIO = 0.9  # a delta must be smaller than this fraction of the record it replaces
 ROOT_KEEP_RATIO = 0.75  # ... and than this one for the first version of a lineage
 LOAD_UNIT = 256
-BELOW_PREFIX = b"rv\x00"
 _BELOW = struct.Struct("<HIB")  # deltas on the longest chain, their bytes, whether a lineage's first version is among them
 WINDOW = 16  # pending demotions encoded at once
 BATCH_BYTES = 32 << 20  # records written per transaction
@@ -94,10 +93,6 @@ class _Job:
     stale: bool = False
 
 
-def below_key(cid: bytes) -> bytes:
-    return BELOW_PREFIX + cid
-
-
 def read_below(t: Txn, cid: bytes) -> tuple[int, int, int]:
     v = t.get("index", below_key(cid))
     return _BELOW.unpack(v) if v is not None and len(v) == _BELOW.size else (0, 0, 0)
@@ -105,18 +100,18 @@ def read_below(t: Txn, cid: bytes) -> tuple[int, int, int]:
 
 def pending_count(ostore: ObjectStore) -> int:
     with ostore.store.read() as t:
-        return sum(1 for _ in t.keys("index", PENDING_PREFIX))
+        return sum(1 for _ in t.keys("index", DEMOTIONS))
 
 
 def _entries(ostore: ObjectStore, limit: int) -> list[_Job]:
     out = []
     with ostore.store.read() as t:
-        for k in t.keys("index", PENDING_PREFIX):
-            body = k[len(PENDING_PREFIX) + 8 :]
-            if len(body) != 2 * ID_LEN:  # not ours to understand: dropped
+        for k in t.keys("index", DEMOTIONS):
+            new, prev = demotion_chunks(k)
+            if len(new) != ID_LEN or len(prev) != ID_LEN:  # not ours to understand: dropped
                 out.append(_Job(k, b"", b"", stale=True))
             else:
-                out.append(_Job(k, body[:ID_LEN], body[ID_LEN:]))
+                out.append(_Job(k, new, prev))
             if len(out) >= limit:
                 break
     return out

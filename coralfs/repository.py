@@ -37,10 +37,10 @@ from coralfs.errors import (
     RepositoryExists,
     UnknownRevision,
 )
-from coralfs.ingest import DEFAULT_MAX_DEPTH, PENDING_PREFIX, Ingestor, IngestStats, Progress
+from coralfs.ingest import DEFAULT_MAX_DEPTH, Ingestor, IngestStats, Progress
 from coralfs.reader import FileReader, FileView
 from coralfs.repack import RepackStats, pending_count, repack
-from coralfs.store import refs
+from coralfs.store import keys, refs
 from coralfs.store.lmdb import Store, Txn
 from coralfs.store.locks import gate_for
 from coralfs.store.objects import (
@@ -55,6 +55,7 @@ from coralfs.store.objects import (
     path_clash,
 )
 from coralfs.store.objectstore import ObjectStore
+from coralfs.store.refs import Refs
 from coralfs.worktree import Status, Worktree
 from coralfs.worktree_fs import SkipCallback
 
@@ -89,7 +90,7 @@ class Repository:
         self.store = Store(os.path.join(self.control, "store"))
         self.objects = ObjectStore(self.store, cache_bytes)
         with self.store.read() as t:
-            raw = t.get("config", b"config")
+            raw = t.get("config", keys.CONFIG_KEY)
         self.config: dict[str, Any] = json.loads(raw) if raw else {}
         if self.config.get("format", FORMAT_VERSION) > FORMAT_VERSION:
             raise CoralError(f"repository format {self.config['format']} is newer than this coralfs")
@@ -156,8 +157,8 @@ class Repository:
                   "created": time.time()}
 
         def fn(t: Txn) -> None:
-            t.put("config", b"config", json.dumps(config).encode())
-            t.put("refs", refs.HEAD, b"ref:" + refs.branch_key(default_branch))
+            t.put("config", keys.CONFIG_KEY, json.dumps(config).encode())
+            Refs(t).set_head(default_branch)
 
         store.write(fn)
         store.close()
@@ -240,24 +241,14 @@ class Repository:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---------------------------------------------------------------- refs
-    def _head_ref(self, t: Txn) -> tuple[str | None, bytes | None]:
-        """(branch name or None if detached, commit id or None if unborn)."""
-        v = t.get("refs", refs.HEAD)
-        if v is None:
-            return None, None
-        if v.startswith(b"ref:"):
-            key = v[4:]
-            return key.decode()[len(refs.BRANCH):], t.get("refs", key)
-        return None, v
-
+    # ---------------------------------------------------------------- refs (coralfs.store.refs)
     def current_branch(self) -> str | None:
         with self.store.read() as t:
-            return self._head_ref(t)[0]
+            return Refs(t).follow_head()[0]
 
     def head(self) -> bytes | None:
         with self.store.read() as t:
-            return self._head_ref(t)[1]
+            return Refs(t).follow_head()[1]
 
     @property
     def default_branch(self) -> str:
@@ -265,35 +256,35 @@ class Repository:
 
     def branches(self) -> dict[str, bytes]:
         with self.store.read() as t:
-            return {k.decode()[len(refs.BRANCH):]: v for k, v in t.items("refs", refs.BRANCH.encode())}
+            return Refs(t).branches()
 
     def tags(self) -> dict[str, Tag]:
         with self.store.read() as t:
-            ids = list(t.items("refs", refs.TAG.encode()))
+            ids = Refs(t).tags()
         out = {}
-        for k, v in ids:
+        for name, v in ids.items():
             obj = self.objects.get_object(v)
             assert isinstance(obj, Tag)
-            out[k.decode()[len(refs.TAG):]] = obj
+            out[name] = obj
         return out
 
     def branch_head(self, name: str) -> bytes | None:
         with self.store.read() as t:
-            return t.get("refs", refs.branch_key(name))
+            return Refs(t).branch(name)
 
     def create_branch(self, name: str, rev: str = "HEAD", force: bool = False) -> bytes:
         refs.check_ref_name(name)
         cid = self.resolve(rev)
-        key = refs.branch_key(name)
 
         def fn(t: Txn) -> None:
-            if t.get("refs", key) is not None and not force:
-                raise RefExists(f"branch {name!r} already exists")
-            for other in t.keys("refs", refs.BRANCH.encode()):  # a/b and a/b/c cannot both be directories
-                o = other.decode()[len(refs.BRANCH):]
+            r = Refs(t)
+            for o in r.branches():  # a/b and a/b/c cannot both be directories
                 if o != name and (o.startswith(name + "/") or name.startswith(o + "/")):
                     raise RefExists(f"branch {name!r} conflicts with existing branch {o!r}")
-            t.put("refs", key, cid)
+            if force:
+                r.set(refs.branch_ref(name), cid)
+            else:
+                r.add_if_new(refs.branch_ref(name), cid)
 
         self.store.write(fn)
         return cid
@@ -301,25 +292,22 @@ class Repository:
     def delete_branch(self, name: str, expected: bytes | bool = False) -> None:
         """Delete a branch; ``expected`` (a commit id) makes it a compare-and-swap
         (ConcurrentUpdate if the branch moved)."""
-        key = refs.branch_key(name)
 
         def fn(t: Txn) -> None:
-            cur = t.get("refs", key)
+            r = Refs(t)
+            cur = r.branch(name)
             if cur is None:
                 raise UnknownRevision(f"no such branch: {name}")
-            if expected is not False and cur != expected:
-                raise ConcurrentUpdate(f"branch {name!r} moved: expected {bytes(expected).hex()[:12]}, "
-                                       f"found {cur.hex()[:12]}")
-            if self._head_ref(t)[0] == name:
+            if r.follow_head()[0] == name:
                 raise InvalidArgument(f"cannot delete the checked-out branch {name!r}")
-            t.delete("refs", key)
+            r.delete_if_equals(refs.branch_ref(name), cur if expected is False else bytes(expected))
 
         self.store.write(fn)
 
     def set_branch(self, name: str, new: bytes, expected: bytes | None) -> None:
         """Move a branch by compare-and-swap."""
         refs.check_ref_name(name)
-        self.store.write(lambda t: t.cas("refs", refs.branch_key(name), expected, new))
+        self.store.write(lambda t: Refs(t).set_if_equals(refs.branch_ref(name), expected, new))
 
     def tag(self, name: str, rev: str = "HEAD", message: str = "", metrics: Mapping[str, float] | None = None,
             meta: Mapping[str, str] | None = None, force: bool = False, tagger: str | None = None) -> Tag:
@@ -327,21 +315,21 @@ class Repository:
         cid = self.resolve(rev)
         tag = Tag(name, cid, tagger or default_author(), time.time(), message, dict(metrics or {}),
                   dict(meta or {}))
-        key = refs.tag_key(name)
 
         def fn(t: Txn) -> None:
-            if t.get("refs", key) is not None and not force:
-                raise RefExists(f"tag {name!r} already exists")
-            t.put("refs", key, self.objects.put_object(t, tag))
+            r = Refs(t)
+            tag_id = self.objects.put_object(t, tag)  # (not kept if the tag exists: the transaction fails)
+            if force:
+                r.set(refs.tag_ref(name), tag_id)
+            else:
+                r.add_if_new(refs.tag_ref(name), tag_id)
 
         self.store.write(fn)
         return tag
 
     def delete_tag(self, name: str) -> None:
-        key = refs.tag_key(name)
-
         def fn(t: Txn) -> None:
-            if not t.delete("refs", key):
+            if not Refs(t).delete(refs.tag_ref(name)):
                 raise UnknownRevision(f"no such tag: {name}")
 
         self.store.write(fn)
@@ -350,7 +338,7 @@ class Repository:
     def commits(self) -> list[bytes]:
         """Every commit id in the repository."""
         with self.store.read() as t:
-            return [k[2:] for k in t.keys("index", b"c\x00")]
+            return Refs(t).commits()
 
     def resolve(self, rev: str) -> bytes:
         """A revision (HEAD, HEAD~2, HEAD^, branch, tag, id prefix) -> commit id."""
@@ -384,24 +372,24 @@ class Repository:
 
     def _resolve_base(self, base: str, rev: str) -> bytes:
         with self.store.read() as t:
+            r = Refs(t)
             if base in ("HEAD", "@"):
-                head = self._head_ref(t)[1]
+                head = r.follow_head()[1]
                 if head is None:
                     raise UnknownRevision("HEAD has no commits yet")
                 return head
-            v = t.get("refs", refs.branch_key(base)) if "\x00" not in base else None
+            v = r.branch(base) if "\x00" not in base else None
             if v is not None:
                 return v
-            v = t.get("refs", refs.tag_key(base)) if "\x00" not in base else None
+            v = r.tag(base) if "\x00" not in base else None
         if v is not None:
             tag = self.objects.get_object(v)
             assert isinstance(tag, Tag)
             return tag.commit
         low = base.lower()
         if _HEX.match(low):
-            prefix = bytes.fromhex(low[: len(low) // 2 * 2])
             with self.store.read() as t:
-                found = [k[2:] for k in t.keys("index", b"c\x00" + prefix) if k[2:].hex().startswith(low)]
+                found = Refs(t).commits(low)
             if len(found) == 1:
                 return found[0]
             if len(found) > 1:
@@ -589,12 +577,13 @@ class Repository:
         now = time.time()
 
         def fn(t: Txn) -> bytes:
+            r = Refs(t)
             if branch is None:
-                cur_branch, head = self._head_ref(t)
-                ref_key = refs.branch_key(cur_branch) if cur_branch is not None else refs.HEAD
+                cur_branch, head = r.follow_head()
+                ref = refs.branch_ref(cur_branch) if cur_branch is not None else refs.HEAD
             else:
-                ref_key = refs.branch_key(branch)
-                head = t.get("refs", ref_key)
+                ref = refs.branch_ref(branch)
+                head = r.get(ref)
             if expected_head is not False and head != expected_head:
                 raise ConcurrentUpdate(f"{branch or 'HEAD'} moved: expected "
                                        f"{expected_head.hex()[:12] if expected_head else 'none'}, found "
@@ -613,8 +602,8 @@ class Repository:
             c = Commit(tree_id, ((head,) if head else ()) + parents_extra, author, now, message,
                        {k: float(v) for k, v in (metrics or {}).items()}, {k: str(v) for k, v in (meta or {}).items()})
             cid = self.objects.put_object(t, c)
-            t.put("index", b"c\x00" + cid, b"")
-            t.put("refs", ref_key, cid)
+            r.index_commit(cid)
+            r.set_if_equals(ref, head, cid)
             for k, v in (consumed or {}).items():  # only what we read: a concurrent `add` stays staged
                 if t.get("stage", k) == v:
                     t.delete("stage", k)
@@ -658,9 +647,10 @@ class Repository:
     # ---------------------------------------------------------------- stats
     def reachable_commits(self) -> set[bytes]:
         with self.store.read() as t:
-            starts = [v for _, v in t.items("refs", refs.BRANCH.encode())]
-            tag_ids = [v for _, v in t.items("refs", refs.TAG.encode())]
-            head = self._head_ref(t)[1]
+            r = Refs(t)
+            starts = list(r.branches().values())
+            tag_ids = list(r.tags().values())
+            head = r.follow_head()[1]
         starts += [self.objects.get_object(x).commit for x in tag_ids]  # type: ignore[union-attr]
         if head:
             starts.append(head)
@@ -712,7 +702,7 @@ class Repository:
                 n_chunks += 1
                 delta += 1 if h.bases else 0
             objects_bytes = sum(len(v) for _, v in t.items("objects"))
-            pending = sum(1 for _ in t.keys("index", PENDING_PREFIX))
+            pending = sum(1 for _ in t.keys("index", keys.DEMOTIONS))
         info = self.store.info()
         stored = stored_chunks + objects_bytes
         return {

@@ -47,6 +47,7 @@ from coralfs.ingest import IngestStats, Progress
 from coralfs.store import keys, refs
 from coralfs.store.lmdb import Txn
 from coralfs.store.objects import MODE_EXEC, MODE_FILE, TreeEntry, check_path, path_error
+from coralfs.store.refs import Refs
 from coralfs.worktree_fs import TEMP_PREFIX, SkipCallback, WorkTree, kind, read_blocks
 
 if TYPE_CHECKING:
@@ -63,11 +64,6 @@ CHECKOUT_LOCK = "checkout.lock"
 #: (a work-tree file written or deleted), ``temp`` (a temp file half written: after its first
 #: block), ``refs`` (HEAD moved, journal not yet removed).
 KILL_ENV = "CORALFS_CHECKOUT_KILL_AT"
-
-# LMDB keys that carry a path (coralfs.store.keys: fsencode'd, hashed when long)
-STAGE_PREFIX = b""  # the ``stage`` database
-STAT_PREFIX = b"st\x00"  # index: stat cache
-SKIP_PREFIX = b"sw\x00"  # index: skip-worktree
 
 
 @dataclass
@@ -86,25 +82,6 @@ class Status:
     def to_json(self) -> dict[str, Any]:
         return {"branch": self.branch, "head": self.head.hex() if self.head else None, "staged": self.staged,
                 "modified": self.modified, "deleted": self.deleted, "untracked": self.untracked}
-
-
-def _stage_key(path: str) -> bytes:
-    return keys.path_key(STAGE_PREFIX, path)
-
-
-def _stat_key(path: str) -> bytes:
-    return keys.path_key(STAT_PREFIX, path)
-
-
-def _skip_key(path: str) -> bytes:
-    return keys.path_key(SKIP_PREFIX, path)
-
-
-def _path_value(prefix: bytes, key: bytes, path: str, value: dict[str, Any]) -> bytes:
-    """``value`` as JSON, carrying the path when ``key`` is a hashed key (which cannot spell it)."""
-    if keys.is_hashed(prefix, key):
-        value = {**value, keys.VALUE_PATH: path}
-    return json.dumps(value).encode()
 
 
 def _key_path(prefix: bytes, key: bytes, value: bytes) -> str:
@@ -174,8 +151,8 @@ class Worktree:
         changes: dict[str, TreeEntry | None] = {}
         for k, v in staged_raw:
             d = json.loads(v)
-            changes[_key_path(STAGE_PREFIX, k, v)] = (None if d.get("del")
-                                                      else TreeEntry(bytes.fromhex(d["m"]), d["size"], d["mode"]))
+            changes[_key_path(keys.STAGE_PREFIX, k, v)] = (None if d.get("del")
+                                                           else TreeEntry(bytes.fromhex(d["m"]), d["size"], d["mode"]))
         return changes, dict(staged_raw)
 
     def _rel(self, path: str | os.PathLike[str]) -> str:
@@ -191,15 +168,15 @@ class Worktree:
 
     def _staged(self, t: Txn) -> dict[str, dict[str, Any]]:
         """path -> stage entry (a scan of the whole database: long paths have hashed keys)."""
-        return {_key_path(STAGE_PREFIX, k, v): json.loads(v) for k, v in t.items("stage")}
+        return {_key_path(keys.STAGE_PREFIX, k, v): json.loads(v) for k, v in t.items("stage")}
 
     def _index_entry(self, t: Txn, path: str) -> TreeEntry | None:
         """The entry a path has in stage-then-HEAD (what the next commit would hold)."""
-        v = t.get("stage", _stage_key(path))
+        v = t.get("stage", keys.stage_key(path))
         if v is not None:
             d = json.loads(v)
             return None if d.get("del") else TreeEntry(bytes.fromhex(d["m"]), d["size"], d["mode"])
-        head = self.repo._head_ref(t)[1]
+        head = Refs(t).follow_head()[1]
         if head is None:
             return None
         return self.repo.get_tree(self.repo.get_commit(head).tree).entries.get(path)
@@ -259,7 +236,7 @@ class Worktree:
             raise UnsafePath(f"{rel}: {e}") from None
         try:
             with self.repo.store.read() as t:
-                cached = t.get("index", _stat_key(rel))
+                cached = t.get("index", keys.stat_key(rel))
                 prev = self._index_entry(t, rel)
             if cached is not None:
                 c = json.loads(cached)
@@ -282,24 +259,24 @@ class Worktree:
                skip_worktree: bool = False) -> None:
         path = check_path(path)
 
-        stage_key, stat_key, skip_key = _stage_key(path), _stat_key(path), _skip_key(path)
+        stage_key, stat_key, skip_key = keys.stage_key(path), keys.stat_key(path), keys.skip_key(path)
 
         def fn(t: Txn) -> None:
             if entry is None:
-                deleted = (_path_value(STAGE_PREFIX, stage_key, path, {"del": True})
-                           if keys.is_hashed(STAGE_PREFIX, stage_key) else b'{"del":true}')
+                deleted = (keys.path_value(keys.STAGE_PREFIX, stage_key, path, {"del": True})
+                           if keys.is_hashed(keys.STAGE_PREFIX, stage_key) else b'{"del":true}')
                 t.put("stage", stage_key, deleted)
                 t.delete("index", stat_key)
                 t.delete("index", skip_key)
                 return
-            t.put("stage", stage_key, _path_value(STAGE_PREFIX, stage_key, path, {
+            t.put("stage", stage_key, keys.path_value(keys.STAGE_PREFIX, stage_key, path, {
                 "m": entry.manifest.hex(), "size": entry.size, "mode": entry.mode}))
             if st is not None:
-                t.put("index", stat_key, _path_value(STAT_PREFIX, stat_key, path,
+                t.put("index", stat_key, keys.path_value(keys.STAT_CACHE, stat_key, path,
                                                      {"sig": _stat_sig(st), "m": entry.manifest.hex()}))
             if skip_worktree:
-                t.put("index", skip_key, _path_value(SKIP_PREFIX, skip_key, path, {})
-                      if keys.is_hashed(SKIP_PREFIX, skip_key) else b"1")
+                t.put("index", skip_key, keys.path_value(keys.SKIP_WORKTREE, skip_key, path, {})
+                      if keys.is_hashed(keys.SKIP_WORKTREE, skip_key) else b"1")
             else:
                 t.delete("index", skip_key)
 
@@ -337,7 +314,7 @@ class Worktree:
                     if q in head_paths:
                         self._stage(q, None)
                     else:
-                        self.repo.store.write(lambda t, q=q: t.delete("stage", _stage_key(q)))
+                        self.repo.store.write(lambda t, q=q: t.delete("stage", keys.stage_key(q)))
                     if not cached:
                         wt.unlink(q)
                     removed.append(q)
@@ -349,7 +326,7 @@ class Worktree:
         without following anything). A symlink or anything not a regular file never matches."""
         if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
             return False
-        cached = t.get("index", _stat_key(path))
+        cached = t.get("index", keys.stat_key(path))
         if cached is not None:
             c = json.loads(cached)
             if c["sig"] == _stat_sig(st):
@@ -371,10 +348,10 @@ class Worktree:
 
     def _status(self) -> Status:
         with WorkTree(self.repo.root) as wt, self.repo.store.read() as t:
-            branch, head = self.repo._head_ref(t)
+            branch, head = Refs(t).follow_head()
             head_entries = self.repo.get_tree(self.repo.get_commit(head).tree).entries if head else {}
             staged = self._staged(t)
-            skip = {_key_path(SKIP_PREFIX, k, v) for k, v in t.items("index", SKIP_PREFIX)}
+            skip = {_key_path(keys.SKIP_WORKTREE, k, v) for k, v in t.items("index", keys.SKIP_WORKTREE)}
             s = Status(branch, head)
             index: dict[str, TreeEntry] = dict(head_entries)
             for p, d in staged.items():
@@ -420,8 +397,9 @@ class Worktree:
         with self._checkout_lock():
             self._resume_checkout()
             with self.repo.store.read() as t:
-                is_branch = t.get("refs", refs.branch_key(rev)) is not None
-                cur_branch, _ = self.repo._head_ref(t)
+                r = Refs(t)
+                is_branch = r.branch(rev) is not None
+                cur_branch, _ = r.follow_head()
             if rev in ("HEAD", "@"):  # like git: checking out HEAD keeps the current branch attached
                 rev, is_branch = (cur_branch, True) if cur_branch else (rev, False)
             target = self.repo.resolve(rev)
@@ -430,8 +408,7 @@ class Worktree:
             head_entries = self.repo.tree(st.head).entries if st.head else {}
             if head_entries == target_entries and not force:
                 # same content: move HEAD only; staged and work-tree changes carry over (as git does)
-                self.repo.store.write(lambda t: t.put("refs", refs.HEAD,
-                                                 b"ref:" + refs.branch_key(rev) if is_branch else target))
+                self.repo.store.write(lambda t: Refs(t).set_head(rev if is_branch else target))
                 return target
             with WorkTree(self.repo.root) as wt:
                 if not force:
@@ -569,12 +546,12 @@ class Worktree:
         def fn(t: Txn) -> None:
             for k in list(t.keys("stage")):
                 t.delete("stage", k)
-            for k in list(t.keys("index", SKIP_PREFIX)):
+            for k in list(t.keys("index", keys.SKIP_WORKTREE)):
                 t.delete("index", k)
             for p, (sig, m) in stat_updates.items():
-                key = _stat_key(p)
-                t.put("index", key, _path_value(STAT_PREFIX, key, p, {"sig": sig, "m": m.hex()}))
-            t.put("refs", refs.HEAD, b"ref:" + refs.branch_key(branch) if branch else target)
+                key = keys.stat_key(p)
+                t.put("index", key, keys.path_value(keys.STAT_CACHE, key, p, {"sig": sig, "m": m.hex()}))
+            Refs(t).set_head(branch if branch else target)
 
         self.repo.store.write(fn)
         kill.step("refs")

@@ -226,7 +226,7 @@ def test_unusual_safetensors_are_stored_exactly(repo, case):
 def test_long_tensor_names_are_split_and_keep_their_delta_base(repo):
     """A tensor name past LMDB's key limit (the tb\\0 index) is stored as a checkpoint; a second file with
     the same long name deltas forward against it."""
-    from coralfs.ingest import tensor_index_key
+    from coralfs.store.keys import tensor_index_key
 
     torch.manual_seed(0)
     long = "layer." * 200 + "weight"  # 1206 bytes

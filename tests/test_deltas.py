@@ -257,7 +257,7 @@ def test_a_demotion_is_applied_only_between_keyframes(repo):
     """Either record may change between queueing a demotion and applying it: a demotion
     whose previous version is no longer a keyframe, or whose new version is a delta, is
     dropped (so a delta always points at a chunk that was a keyframe: no cycles)."""
-    from coralfs.ingest import pending_key
+    from coralfs.store.keys import demotion_key as pending_key
 
     _series(repo, 2)
     v0, v1 = _chunk(repo, "HEAD~1"), _chunk(repo, "HEAD")

@@ -23,11 +23,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from coralfs.fsck import fsck
-from coralfs.gc import CONFLICT_PREFIX, PEND_PREFIX, gc
-from coralfs.mount.pending import list_conflicts, pend_key
+from coralfs.gc import gc
+from coralfs.mount.pending import list_conflicts
 from coralfs.mount.view import MountView
 from coralfs.mount.writer import DEFAULT_COMMIT_DELAY, Writer
 from coralfs.repository import Repository
+from coralfs.store import keys
 from coralfs.store.objects import MODE_EXEC, MODE_FILE
 from tests.factories import TinyNet, train_steps
 
@@ -131,8 +132,8 @@ def test_view_pending_entries_and_gc_contract(make_repo) -> None:
         v.unlink("/main/old.pt")
         assert "old.pt" not in v.readdir("/main")
         with repo.store.read() as t:
-            raw = t.get("index", pend_key("main", "new.bin"))
-            tomb = json.loads(t.get("index", PEND_PREFIX + b"main\x00old.pt"))
+            raw = t.get("index", keys.pending_key("main", "new.bin"))
+            tomb = json.loads(t.get("index", keys.pending_key("main", "old.pt")))
         d = json.loads(raw)
         assert d["size"] == len(data) and d["mode"] == MODE_FILE and d["base"] == repo.branch_head("main").hex()
         assert tomb["del"] is True and "m" not in tomb
@@ -146,7 +147,7 @@ def test_view_pending_entries_and_gc_contract(make_repo) -> None:
         assert repo.get_commit(cid).message == "mount: add new.bin, remove old.pt"
         assert api_sha(repo, "main", "new.bin") == sha(data) and "old.pt" not in repo.ls("main")
         with repo.store.read() as t:
-            assert not list(t.keys("index", PEND_PREFIX))
+            assert not list(t.keys("index", keys.PENDING))
     finally:
         v.close()
         w.close()
@@ -480,7 +481,7 @@ def test_concurrent_commit_to_the_same_branch(make_repo, fuse_mount, tmp_path: P
     (cid, c), = conflicts.items()
     assert c["branch"] == "main" and c["conflicts"] == ["config.json"]
     with repo.store.read() as t:
-        assert not list(t.keys("index", PEND_PREFIX)) and list(t.keys("index", CONFLICT_PREFIX))
+        assert not list(t.keys("index", keys.PENDING)) and list(t.keys("index", keys.CONFLICTS))
     gc(repo, grace=0)  # kept data survives gc
     out = cli("flush-mount", repo.root, "--conflicts").stdout
     assert cid in out and "config.json" in out

@@ -173,8 +173,8 @@ def test_the_first_version_weighs_more(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_fsck_reports_and_repairs_stale_repack_entries(tmp_path: Path) -> None:
-    from coralfs.ingest import pending_key
-    from coralfs.repack import below_key
+    from coralfs.store.keys import below_key
+    from coralfs.store.keys import demotion_key as pending_key
 
     datas = _versions(2)
     with Repository.init(tmp_path / "r", auto_repack=False) as repo:
@@ -195,7 +195,7 @@ def test_fsck_reports_and_repairs_stale_repack_entries(tmp_path: Path) -> None:
 
 def test_a_corrupt_version_or_a_malformed_entry_does_not_stall_the_queue(tmp_path: Path) -> None:
     from coralfs.codec import records
-    from coralfs.ingest import PENDING_PREFIX
+    from coralfs.store.keys import DEMOTIONS as PENDING_PREFIX
 
     datas = _versions(3)
     with Repository.init(tmp_path / "r", auto_repack=False) as repo:

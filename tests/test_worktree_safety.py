@@ -28,6 +28,7 @@ from coralfs.hashing import digest
 from coralfs.repository import Repository
 from coralfs.store import refs
 from coralfs.store.objects import TYPE_TREE, Commit, Tree, TreeEntry, check_path, deserialize
+from coralfs.store.refs import Refs
 from coralfs.worktree import JOURNAL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,8 +88,8 @@ def plant(repo: Repository, files: list[tuple[str, bytes]], branch: str = "evil"
     def fn(t):
         t.put("objects", tid, tree)
         t.put("objects", cid, commit)
-        t.put("refs", refs.branch_key(branch), cid)
-        t.put("index", b"c\x00" + cid, b"")
+        Refs(t).set(refs.branch_ref(branch), cid)
+        Refs(t).index_commit(cid)
 
     repo.store.write(fn)
     return cid

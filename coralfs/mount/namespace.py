@@ -36,8 +36,8 @@ from coralfs.errors import (
     ReadOnly,
 )
 from coralfs.mount.writer import Staged, Writer, exec_mode
-from coralfs.store import refs
 from coralfs.store.objects import MODE_FILE, TreeEntry, check_path
+from coralfs.store.refs import Refs
 
 if TYPE_CHECKING:
     import threading
@@ -95,7 +95,7 @@ class WriteNamespace:
             raise NotPermitted(f"{path}: names starting with '@' are reserved")
         with self.repo.store.read() as t:
             for i in range(1, len(parts) + 1):
-                target = t.get("refs", refs.branch_key("/".join(parts[:i])))
+                target = Refs(t).branch("/".join(parts[:i]))
                 if target is not None:
                     return "/".join(parts[:i]), parts[i:], target
             n, name = self._unborn_default(t, parts)

@@ -90,7 +90,7 @@ class NodeTable:
         self.by_ino: dict[int, Node] = {ROOT_INO: self._root}
         self.by_path: dict[str, Node] = {"/": self._root}
         self._inos = itertools.count(ROOT_INO + 1)
-        self._refs: dict[bytes, bytes] | None = None
+        self._refs: dict[str, bytes] | None = None
         self._stale: list[tuple[int, str]] = []  # entries found stale between polls
         # a file being written has exactly one inode, whatever its path does (the kernel's size
         # and pages of it live there): staged id -> node
@@ -339,14 +339,13 @@ class NodeTable:
         trees: set[str] = set(extra)  # recheck these nodes and everything below them
         exact: set[str] = set()  # ... and these nodes only (directories listing refs)
         if before is not None and before != now:
-            for key in set(before) | set(now):
+            for key in set(before) | set(now):  # full ref names
                 if before.get(key) == now.get(key):
                     continue
-                k = key.decode(errors="surrogateescape")
-                if k.startswith(refs.BRANCH):
-                    base = "/" + k[len(refs.BRANCH):]
+                if key.startswith(refs.BRANCH):
+                    base = "/" + key[len(refs.BRANCH):]
                 else:
-                    base = f"/{TAGS}/" + k[len(refs.TAG):]
+                    base = f"/{TAGS}/" + key[len(refs.TAG):]
                 trees.add(base)
                 if (key in before) != (key in now):  # a ref appeared or went: its namespaces list it
                     parts = base.strip("/").split("/")

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from coralfs.errors import ConcurrentUpdate, CoralError, InvalidArgument, NothingToCommit, RefExists
-from coralfs.gc import CONFLICT_PREFIX, PEND_PREFIX
 from coralfs.store import keys, refs
 from coralfs.store.objects import TreeEntry
+from coralfs.store.refs import Refs
 
 if TYPE_CHECKING:
     from coralfs.repository import Repository
@@ -39,33 +39,10 @@ MESSAGE_ITEMS = 6  # paths named in a commit message's first line
 
 
 # ------------------------------------------------------------------ pending entries
-def branch_prefix(branch: str, prefix: bytes = PEND_PREFIX) -> bytes:
-    return prefix + branch.encode() + b"\x00"
-
-
-def pend_key(branch: str, path: str) -> bytes:
-    """``pend\0BRANCH\0PATH`` (a long path is hashed: the value then carries it, see store/keys.py)."""
-    return keys.path_key(branch_prefix(branch), path)
-
-
-def pend_branch(key: bytes) -> str:
-    return key[len(PEND_PREFIX):].partition(b"\x00")[0].decode()
-
-
-def split_pend_key(key: bytes, value: bytes | None = None) -> tuple[str, str]:
-    branch, _, _rest = key[len(PEND_PREFIX):].partition(b"\x00")
-    b = branch.decode()
-    return b, keys.path_of(branch_prefix(b), key, json.loads(value) if value is not None else None)
-
-
+# (their keys: coralfs.store.keys.pending_key, a long path hashed and then carried in the value)
 def put_pend(t: Txn, branch: str, path: str, item: PendItem) -> None:
-    key = pend_key(branch, path)
-    t.put("index", key, item.encode(path if keys.is_hashed(branch_prefix(branch), key) else None))
-
-
-def pend_path(prefix: bytes, key: bytes, value: bytes) -> str:
-    """The path of a pending (or conflict) entry under ``prefix``."""
-    return keys.path_of(prefix, key, json.loads(value) if keys.is_hashed(prefix, key) else None)
+    key = keys.pending_key(branch, path)
+    t.put("index", key, item.encode(path if keys.is_hashed(keys.pending_prefix(branch), key) else None))
 
 
 @dataclass(frozen=True)
@@ -163,16 +140,16 @@ def commit_pending(repo: Repository, branch: str, author: str | None = None,
     is a conflict: those paths are moved aside under ``pend-conflict`` (logged; the rest is
     committed). Paths in ``hold`` (files open for writing) stay pending: an open file is never
     committed. Entries that change nothing are consumed without a commit."""
-    prefix = branch_prefix(branch)
+    prefix = keys.pending_prefix(branch)
     refused: Outcome | None = None
     for _attempt in range(20):
         with repo.store.read() as t:
             raw_all = {k: v for k, v in t.items("index", prefix)}
-            head = t.get("refs", refs.branch_key(branch))
+            head = Refs(t).branch(branch)
         raw = {}
         items: dict[str, PendItem] = {}
         for k, v in raw_all.items():
-            p = pend_path(prefix, k, v)
+            p = keys.path_of_raw(prefix, k, v)
             if p in hold:
                 continue
             raw[k] = v
@@ -199,7 +176,7 @@ def commit_pending(repo: Repository, branch: str, author: str | None = None,
                 conflicts.append(p)
         if conflicts:
             bad = set(conflicts)
-            out = _refuse(repo, branch, {k: v for k, v in raw.items() if pend_path(prefix, k, v) in bad}, head,
+            out = _refuse(repo, branch, {k: v for k, v in raw.items() if keys.path_of_raw(prefix, k, v) in bad}, head,
                           sorted(conflicts), f"changed on {branch} since the mount's version was based on it")
             refused = _merge(out, refused)
             continue  # the rest: read again (the refused entries are gone from the pending ones)
@@ -245,15 +222,15 @@ def _refuse(repo: Repository, branch: str, raw: dict[bytes, bytes], head: bytes 
             reason: str) -> Outcome:
     """Move refused pending entries under ``pend-conflict`` (one transaction) and log it."""
     cid = f"{time.time_ns():020d}"
-    dst = branch_prefix(branch, CONFLICT_PREFIX) + cid.encode() + b"\x00"
-    src = branch_prefix(branch)
+    dst = keys.conflict_prefix(branch, cid)
+    src = keys.pending_prefix(branch)
 
     def fn(t: Txn) -> list[str]:
         moved = []
         for k, v in raw.items():
             if t.get("index", k) != v:
                 continue
-            path = pend_path(src, k, v)
+            path = keys.path_of_raw(src, k, v)
             d = json.loads(v)
             d.update(head=head.hex() if head else None, reason=reason, conflicts=conflicts)
             t.delete("index", k)
@@ -277,11 +254,10 @@ def list_conflicts(repo: Repository) -> dict[str, dict[str, Any]]:
     """Refused bursts: id -> {"branch", "head", "reason", "conflicts", "files": {path: entry json}}."""
     out: dict[str, dict[str, Any]] = {}
     with repo.store.read() as t:
-        for k, v in t.items("index", CONFLICT_PREFIX):
-            branch, cid, _ = k[len(CONFLICT_PREFIX):].split(b"\x00", 2)
-            branch, cid = branch.decode(), cid.decode()
+        for k, v in t.items("index", keys.CONFLICTS):
+            branch, cid = keys.conflict_of(k)
             d = json.loads(v)
-            path = keys.path_of(branch_prefix(branch, CONFLICT_PREFIX) + cid.encode() + b"\x00", k, d)
+            path = keys.path_of(keys.conflict_prefix(branch, cid), k, d)
             c = out.setdefault(cid, {"branch": branch, "head": d.get("head"), "reason": d.get("reason", ""),
                                      "conflicts": d.get("conflicts", []), "files": {}})
             c["files"][path] = d
@@ -305,7 +281,7 @@ def recover_conflict(repo: Repository, conflict_id: str, to_branch: str) -> byte
     old = dict(repo.tree(base).entries) if base else {}
     changes = {p: None if d.get("del") else TreeEntry(bytes.fromhex(d["m"]), int(d["size"]), int(d["mode"]))
                for p, d in c["files"].items()}
-    prefix = branch_prefix(c["branch"], CONFLICT_PREFIX) + conflict_id.encode() + b"\x00"
+    prefix = keys.conflict_prefix(c["branch"], conflict_id)
 
     def drop(t: Txn, _cid: bytes) -> None:
         for p in c["files"]:

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from coralfs.errors import AlreadyMounted, CoralError
-from coralfs.gc import PEND_PREFIX
-from coralfs.mount.pending import Outcome, PendItem, commit_pending, pend_branch, pend_key
+from coralfs.mount.pending import Outcome, PendItem, commit_pending
+from coralfs.store import keys
 from coralfs.store.objects import TreeEntry
 
 if TYPE_CHECKING:
@@ -204,7 +204,7 @@ def _recover_file(repo: Repository, d: str, sid: str) -> str:
 
 def durable_entry(repo: Repository, branch: str, path: str, head: bytes | None) -> TreeEntry | None:
     with repo.store.read() as t:
-        raw = t.get("index", pend_key(branch, path))
+        raw = t.get("index", keys.pending_key(branch, path))
     if raw is not None:
         return PendItem.decode(raw).entry
     return repo.tree(head).entries.get(path) if head else None
@@ -219,7 +219,7 @@ def flush_repository(repo: Repository, branches: list[str] | None = None, recove
     if recovered is not None:
         recovered.extend(done)
     with repo.store.read() as t:
-        names = sorted({pend_branch(k) for k in t.keys("index", PEND_PREFIX)})
+        names = sorted({keys.pending_branch(k) for k in t.keys("index", keys.PENDING)})
     out = []
     for b in names if branches is None else branches:
         o = commit_pending(repo, b)

@@ -61,6 +61,7 @@ from coralfs.reader import PREFETCH_POOL_THREADS, READAHEAD_BYTES, FileView, Rea
 from coralfs.store import refs
 from coralfs.store.objects import MODE_EXEC, Tag, TreeEntry
 from coralfs.store.objectstore import start_threads
+from coralfs.store.refs import Refs
 
 if TYPE_CHECKING:
     from coralfs.repository import Repository
@@ -69,7 +70,6 @@ if TYPE_CHECKING:
 DEFAULT_BLKSIZE = 1 << 20  # st_blksize: readers (cat, cp, Python) then issue large reads
 PREFETCH_BYTES = READAHEAD_BYTES  # the default of prefetch_bytes (reader.ReadAhead is the policy)
 _HEX_NAME = re.compile(r"^[0-9a-f]{4,64}$")
-_COMMIT_INDEX = b"c\x00"  # index db: b"c\0" + commit id -> b"" (see Repository.commits)
 MAX_NAME_BYTES = 255  # what a local file system accepts (a checkout must be able to write it)
 MAX_PATH_BYTES = 4095
 
@@ -150,7 +150,7 @@ class _Node:
     cv: _CommitView | None = None
     sub: str = ""  # path inside the commit's tree ("" = the version's root directory)
     names: tuple[str, ...] = ()  # for ns: child names (always directories)
-    ref: tuple[bytes, bytes] | None = None  # (ref key, value) a branch/tag path was resolved through
+    ref: tuple[str, bytes] | None = None  # (full ref name, value) a branch/tag path was resolved through
 
     @property
     def entry(self) -> TreeEntry | Staged | None:
@@ -281,7 +281,7 @@ class MountView(WriteNamespace):
         with self.repo.store.read() as t:
             for i in range(1, len(parts) + 1):
                 name = "/".join(parts[:i])
-                target = t.get("refs", (prefix + name).encode())
+                target = Refs(t).get(prefix + name)
                 if target is not None:
                     break
             else:
@@ -293,7 +293,7 @@ class MountView(WriteNamespace):
                     if not children:
                         raise PathNotFound(f"{path}: no such file or directory")
                     return _Node("ns", immutable, self.start_time, names=tuple(children))
-        ref = ((prefix + name).encode(), target)
+        ref = (prefix + name, target)
         if prefix == refs.TAG:
             tag = self.repo.objects.get_object(target)
             if not isinstance(tag, Tag):
@@ -308,29 +308,25 @@ class MountView(WriteNamespace):
         into it (the first commit makes the branch). ``(0, "")`` otherwise."""
         name = self.repo.default_branch
         dparts = name.split("/")
-        if parts[: len(dparts)] != dparts or t.get("refs", refs.branch_key(name)) is not None:
+        if parts[: len(dparts)] != dparts or Refs(t).branch(name) is not None:
             return 0, ""
         return len(dparts), name
 
     def _ns_children(self, t: Txn, prefix: str, parts: list[str]) -> list[str]:
         """The next name components of the refs under ``prefix`` + ``parts`` (sorted, unique); the
         unborn default branch counts as a ref."""
-        ns = (prefix + "".join(p + "/" for p in parts)).encode()
-        children: list[str] = []
+        r = Refs(t)
+        children = r.namespaces(prefix + "".join(p + "/" for p in parts))
         if prefix == refs.BRANCH:
             dparts = self.repo.default_branch.split("/")
             if len(dparts) > len(parts) and dparts[: len(parts)] == parts \
-                    and t.get("refs", refs.branch_key(self.repo.default_branch)) is None:
+                    and r.branch(self.repo.default_branch) is None:
                 children.append(dparts[len(parts)])
-        for k in t.keys("refs", ns):
-            child = k[len(ns):].decode(errors="surrogateescape").split("/", 1)[0]
-            if not children or children[-1] != child:
-                children.append(child)
         return sorted(set(children))
 
     @staticmethod
     def _in_commit(cv: _CommitView, rest: list[str], path: str, immutable: bool,
-                   ref: tuple[bytes, bytes] | None = None) -> _Node:
+                   ref: tuple[str, bytes] | None = None) -> _Node:
         sub = "/".join(rest)
         if sub and sub not in cv.files and sub not in cv.dirs:
             raise PathNotFound(f"{path}: no such file or directory")
@@ -340,18 +336,15 @@ class MountView(WriteNamespace):
         if not _HEX_NAME.match(name):
             raise PathNotFound(f"{path}: not a commit id (4 to 64 lowercase hex digits)")
         with self.repo.store.read() as t:
+            r = Refs(t)
             if len(name) == 64:
                 cid = bytes.fromhex(name)
-                if t.get("index", _COMMIT_INDEX + cid) is None:
+                if not r.has_commit(cid):
                     raise PathNotFound(f"{path}: no such commit")
                 return cid
-            key = _COMMIT_INDEX + bytes.fromhex(name[: len(name) // 2 * 2])
-            found = []
-            for k in t.keys("index", key):
-                if k[2:].hex().startswith(name):
-                    found.append(k[2:])
-                    if len(found) > 1:
-                        raise PathNotFound(f"{path}: ambiguous commit prefix {name!r}")
+            found = r.commits(name)
+        if len(found) > 1:
+            raise PathNotFound(f"{path}: ambiguous commit prefix {name!r}")
         if not found:
             raise PathNotFound(f"{path}: no such commit")
         return found[0]
@@ -575,12 +568,13 @@ class MountView(WriteNamespace):
         return self._add_handle(path, s, writable=False, ino=ino)
 
     # ---------------------------------------------------------------- change tracking
-    def read_refs(self) -> dict[bytes, bytes]:
-        """Every branch and tag ref (key -> value), from one short read transaction: the inode
-        layer compares snapshots to find what moved."""
+    def read_refs(self) -> dict[str, bytes]:
+        """Every branch and tag ref (full name -> value), from one short read transaction: the
+        inode layer compares snapshots to find what moved."""
         with self.repo.store.read() as t:
-            out = dict(t.items("refs", refs.BRANCH.encode()))
-            out.update(t.items("refs", refs.TAG.encode()))
+            r = Refs(t)
+            out = {refs.branch_ref(n): v for n, v in r.branches().items()}
+            out.update((refs.tag_ref(n), v) for n, v in r.tags().items())
         return out
 
     def take_invalidations(self) -> list[str]:

@@ -64,18 +64,9 @@ from coralfs.errors import (
     IngestFailed,
     RefExists,
 )
-from coralfs.gc import PEND_PREFIX
-from coralfs.mount.pending import (
-    PendItem,
-    branch_prefix,
-    commit_pending,
-    pend_key,
-    pend_path,
-    put_pend,
-    split_pend_key,
-)
+from coralfs.mount.pending import PendItem, commit_pending, put_pend
 from coralfs.mount.sessions import Session, durable_entry, flush_repository, take_mount_lock, write_json
-from coralfs.store import refs
+from coralfs.store import keys, refs
 from coralfs.store.objects import MODE_EXEC, MODE_FILE, TreeEntry
 
 if TYPE_CHECKING:
@@ -221,8 +212,8 @@ class Writer:
                 log.error("start-up: pending changes on %s conflicted (kept as %s)", b, o.conflict_id)
         with self.lock:
             with self.repo.store.read() as t:
-                for k, v in t.items("index", PEND_PREFIX):
-                    b, p = split_pend_key(k, v)
+                for k, v in t.items("index", keys.PENDING):
+                    b, p = keys.pending_path(k, v)
                     self._state(b).pend[p] = PendItem.decode(v)
             for st in self.branches.values():
                 st.first_pending = time.monotonic() if st.pend else None
@@ -566,7 +557,7 @@ class Writer:
         def fn(t: Txn) -> None:
             for p, it in new.items():
                 if it is None:
-                    t.delete("index", pend_key(branch, p))
+                    t.delete("index", keys.pending_key(branch, p))
                 else:
                     put_pend(t, branch, p, it)
 
@@ -638,7 +629,7 @@ class Writer:
                 self.repo.delete_branch(name, expected=head)
             except ConcurrentUpdate:
                 raise DirectoryNotEmpty(f"{name}: the branch moved meanwhile") from None
-            prefix = branch_prefix(name)
+            prefix = keys.pending_prefix(name)
 
             def fn(t: Txn) -> None:
                 for k in list(t.keys("index", prefix)):
@@ -679,9 +670,9 @@ class Writer:
 
     def _reload(self, branch: str) -> None:
         st = self._state(branch)
-        prefix = branch_prefix(branch)
+        prefix = keys.pending_prefix(branch)
         with self.repo.store.read() as t:
-            st.pend = {pend_path(prefix, k, v): PendItem.decode(v) for k, v in t.items("index", prefix)}
+            st.pend = {keys.path_of_raw(prefix, k, v): PendItem.decode(v) for k, v in t.items("index", prefix)}
         st.first_pending = (st.first_pending or time.monotonic()) if st.pend else None
         self.version += 1
 

@@ -1,12 +1,7 @@
 """The LMDB-backed store: one environment per repository, named databases.
 
-Databases:
-    chunks   chunk id (32 bytes)            -> chunk record (coralfs.codec.records)
-    objects  object id (32 bytes)           -> serialized object (coralfs.store.objects)
-    refs     b"branch:NAME" / b"tag:NAME"   -> 32-byte id;  b"HEAD" -> b"ref:branch:NAME" or id
-    stage    path (utf-8)                   -> JSON staging entry
-    index    arbitrary index keys           -> values (tensor base index, stat cache, ...)
-    config   key                            -> value
+Databases: ``keys.DATABASES`` (chunks, objects, refs, stage, index, config); what their keys
+and values are is :mod:`coralfs.store.keys`.
 
 LMDB gives one writer and many readers across processes. Read transactions are
 kept short so a long-lived process (the mount) never pins old pages.
@@ -27,9 +22,9 @@ from typing import TypeVar
 import lmdb
 import numpy as np
 
-from coralfs.errors import ConcurrentUpdate, CoralError, NoSpace
+from coralfs.errors import CoralError, NoSpace
+from coralfs.store.keys import CHUNKS, DATABASES, OBJECTS, REFS
 
-DB_NAMES = ("chunks", "objects", "refs", "stage", "index", "config")
 INITIAL_MAP_SIZE = 1 << 40  # sparse on 64-bit: costs nothing until used
 WARM_BUDGET = 64 << 20  # warm_index: B-tree pages a long-lived reader keeps in memory
 LOW_SPACE = 64 << 20  # an LMDB write failing with EIO while less than this is free: the disk is full
@@ -348,18 +343,6 @@ class Txn:
                     break
                 yield k
 
-    def cas(self, db: str, key: bytes, expected: bytes | None, new: bytes | None) -> None:
-        """Compare-and-swap inside this write transaction."""
-        current = self.get(db, key)
-        if current != expected:
-            raise ConcurrentUpdate(f"{key.decode(errors='replace')} moved (expected "
-                                   f"{expected.hex()[:12] if expected else 'none'}, found "
-                                   f"{current.hex()[:12] if current else 'none'})")
-        if new is None:
-            self.delete(db, key)
-        else:
-            self.put(db, key, new)
-
     def stat(self, db: str) -> dict:
         return self.txn.stat(self.dbs[db])
 
@@ -381,10 +364,10 @@ class Store:
             shared = _OPEN.get(self._key)
             if shared is None:
                 env = lmdb.open(
-                    self.path, map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES) + 2, readonly=readonly,
+                    self.path, map_size=INITIAL_MAP_SIZE, max_dbs=len(DATABASES) + 2, readonly=readonly,
                     max_readers=512, metasync=True, sync=True, lock=True, readahead=False, subdir=True,
                 )
-                dbs = {name: env.open_db(name.encode(), create=not readonly) for name in DB_NAMES}
+                dbs = {name: env.open_db(name.encode(), create=not readonly) for name in DATABASES}
                 fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDONLY | os.O_CLOEXEC)
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # preads fetch what they ask for
                 try:
@@ -517,7 +500,7 @@ class Store:
         d = self._shared[7]
         return d is not None and d.enabled
 
-    def warm_index(self, dbs: Iterable[str] = ("chunks", "objects", "refs"), budget: int = WARM_BUDGET) -> int:
+    def warm_index(self, dbs: Iterable[str] = (CHUNKS, OBJECTS, REFS), budget: int = WARM_BUDGET) -> int:
         """Bring these databases' B-tree pages (branches and leaves, not the values) into
         memory through the map, within ``budget`` bytes; returns the bytes of B-tree pages
         brought in. A long-lived reader (the mount daemon) calls this once at start: every

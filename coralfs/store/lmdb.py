@@ -97,6 +97,12 @@ class _DirectReads:
             if b is not None:
                 self.give(b)
 
+    @property
+    def idle(self) -> int:
+        """Buffers kept for reuse, not handed out."""
+        with self._lock:
+            return len(self._free)
+
     def give(self, buf: mmap.mmap) -> None:
         with self._lock:
             self.out -= 1
@@ -514,8 +520,14 @@ class Store:
     @property
     def direct_reads(self) -> bool:
         """Whether cold values are read with ``O_DIRECT`` (see ``_DirectReads``)."""
-        d = self._shared[7]
+        d = self.direct_pool
         return d is not None and d.enabled
+
+    @property
+    def direct_pool(self) -> _DirectReads | None:
+        """The environment's ``O_DIRECT`` buffer pool (None where the file cannot be opened
+        with ``O_DIRECT``); its ``out`` and ``idle`` count the buffers (tests, diagnostics)."""
+        return self._shared[7]
 
     def warm_index(self, dbs: Iterable[str] = ("chunks", "objects", "refs"), budget: int = WARM_BUDGET) -> int:
         """Bring these databases' B-tree pages (branches and leaves, not the values) into

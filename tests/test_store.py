@@ -252,3 +252,17 @@ def test_warm_index_brings_btree_pages_in(tmp_path: Path) -> None:
     assert direct is None or (direct.idle == direct.KEEP and direct.out == 0)  # buffers ready
     st.close()
 
+
+def test_commits_are_fsynced_unless_a_test_suite_turns_it_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repository syncs every commit (LMDB sync and metasync); only CORALFS_UNSAFE_NO_FSYNC=1,
+    which tests/conftest.py sets for the suite, turns that off."""
+    monkeypatch.delenv(store_mod.NOSYNC_ENV, raising=False)
+    s = Store(tmp_path / "synced", create=True)
+    flags = s.env.flags()
+    s.close()
+    assert flags["sync"] and flags["metasync"]
+    monkeypatch.setenv(store_mod.NOSYNC_ENV, "1")
+    s = Store(tmp_path / "unsynced", create=True)
+    flags = s.env.flags()
+    s.close()
+    assert not flags["sync"] and not flags["metasync"]

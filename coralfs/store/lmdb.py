@@ -32,6 +32,10 @@ from coralfs.errors import ConcurrentUpdate, CoralError, NoSpace
 DB_NAMES = ("chunks", "objects", "refs", "stage", "index", "config")
 INITIAL_MAP_SIZE = 1 << 40  # sparse on 64-bit: costs nothing until used
 WARM_BUDGET = 64 << 20  # warm_index: B-tree pages a long-lived reader keeps in memory
+#: For test suites only: ``CORALFS_UNSAFE_NO_FSYNC=1`` opens environments without fsync at
+#: commit (LMDB's ``sync``/``metasync`` off). A killed process loses nothing (its writes are
+#: in the page cache); a power loss or kernel crash can lose or corrupt the repository.
+NOSYNC_ENV = "CORALFS_UNSAFE_NO_FSYNC"
 LOW_SPACE = 64 << 20  # an LMDB write failing with EIO while less than this is free: the disk is full
 T = TypeVar("T")
 _OPEN: dict[tuple[int, str], list] = {}
@@ -383,12 +387,13 @@ class Store:
         self._local = threading.local()
         self._key = (os.getpid(), os.path.realpath(self.path))
         self._closed = False
+        sync = os.environ.get(NOSYNC_ENV) != "1"
         with _OPEN_LOCK:  # LMDB allows one environment per file per process: share it
             shared = _OPEN.get(self._key)
             if shared is None:
                 env = lmdb.open(
                     self.path, map_size=INITIAL_MAP_SIZE, max_dbs=len(DB_NAMES) + 2, readonly=readonly,
-                    max_readers=512, metasync=True, sync=True, lock=True, readahead=False, subdir=True,
+                    max_readers=512, metasync=sync, sync=sync, lock=True, readahead=False, subdir=True,
                 )
                 dbs = {name: env.open_db(name.encode(), create=not readonly) for name in DB_NAMES}
                 fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDONLY | os.O_CLOEXEC)

@@ -338,8 +338,11 @@ class RepositoryMachine(RuleBasedStateMachine):
             del self.m.staged[path]
         self.m.wt.pop(path, None)
 
-    @rule(message=st.sampled_from(["a", "b", "c"]), acc=METRICS)
-    def commit(self, message: str, acc: float | None) -> None:
+    @rule(message=st.sampled_from(["a", "b", "c"]), acc=METRICS, repack=st.booleans())
+    def commit(self, message: str, acc: float | None, repack: bool = False) -> None:
+        """Commit the stage; ``repack``: then re-encode the replaced versions at once (what the
+        background repack does after a commit; without it, demotions stay pending for gc and
+        the later rules to meet)."""
         head = self.m.head()
         index = self.m.index()
         metrics = {"acc": acc} if acc is not None else {}
@@ -354,13 +357,15 @@ class RepositoryMachine(RuleBasedStateMachine):
         else:
             self.m.detached = node.n
         self.m.staged.clear()
+        if repack:
+            self.repo.repack()
         self.check_commit(self.repo, node.n)
 
-    @rule(path=st.sampled_from(SAVE_PATHS), seed=SEEDS, step=STEPS, acc=METRICS)
-    def save_and_commit(self, path: str, seed: int, step: int, acc: float | None) -> None:
+    @rule(path=st.sampled_from(SAVE_PATHS), seed=SEEDS, step=STEPS, acc=METRICS, repack=st.booleans())
+    def save_and_commit(self, path: str, seed: int, step: int, acc: float | None, repack: bool) -> None:
         """A training loop's step: save a checkpoint, commit it."""
         self.save(path, seed, step)
-        self.commit("step", acc)
+        self.commit("step", acc, repack)
 
     # -------------------------------------------------------------- refs
     def name_conflict(self, name: str) -> bool:
@@ -379,16 +384,17 @@ class RepositoryMachine(RuleBasedStateMachine):
         self.m.branches[name] = node
 
     @precondition(lambda self: self.m.branches)
-    @rule(data=st.data(), stale=st.booleans())
-    def reset_to_ancestor(self, data: st.DataObject, stale: bool) -> None:
-        """Move a branch back to one of its ancestors by compare-and-swap (a stale expected
-        value: ConcurrentUpdate, nothing moves)."""
+    @rule(data=st.data(), back=st.integers(1, 3), stale=st.sampled_from([False, False, True]))
+    def reset_to_ancestor(self, data: st.DataObject, back: int, stale: bool) -> None:
+        """Move a branch ``back`` commits back (discarding its newest checkpoints) by
+        compare-and-swap; a stale expected value: ConcurrentUpdate, nothing moves."""
         name = data.draw(st.sampled_from(sorted(self.m.branches)), label="branch")
-        cur = self.m.branches[name]
-        target = data.draw(st.sampled_from(sorted(self.m.ancestors([cur]))), label="ancestor")
+        cur = target = self.m.branches[name]
+        for _ in range(back):
+            parent = self.m.nodes[target].parent
+            target = parent if parent is not None else target
         if stale:
-            others = sorted(set(self.m.ids) - {cur})
-            wrong = self.m.ids[others[0]] if others else None
+            wrong = next((i for n, i in sorted(self.m.ids.items()) if n != cur), None)
             self.expect(ConcurrentUpdate, self.repo.set_branch, name, self.m.ids[target], wrong)
             return
         self.repo.set_branch(name, self.m.ids[target], self.m.ids[cur])

@@ -2,7 +2,8 @@
 #   make demo   installs everything (system + Python) and runs a small end-to-end example
 #   make test   installs what the tests need and runs them
 #   make test-deep   the same, with the long variants (CORALFS_DEEP=1: the mount's snapshot stress tests
-#                    for 10 min each, fsx for 100k operations, Hypothesis' "deep" profile); about an hour
+#                    for 10 min each, fsx for 100k operations, Hypothesis' "deep" profile) and with every
+#                    LMDB commit fsynced (make test turns fsync off: tests/conftest.py); about an hour
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 TORCH ?= torch==2.13.0
@@ -28,7 +29,7 @@ test: install
 
 .PHONY: test-deep
 test-deep: install
-	CORALFS_DEEP=1 HYPOTHESIS_PROFILE=deep $(PYTHON) -m pytest -q tests
+	CORALFS_DEEP=1 HYPOTHESIS_PROFILE=deep CORALFS_UNSAFE_NO_FSYNC=0 $(PYTHON) -m pytest -q tests
 
 lint:
 	ruff check coralfs tests bench examples

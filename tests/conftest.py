@@ -28,6 +28,13 @@ import pytest
 MOUNT_TIMEOUT = 30.0
 ROOT = Path(__file__).resolve().parent.parent
 
+# LMDB commits without fsync in the test process and in every process it starts (CLI
+# subprocesses, mount daemons): fsync was a third of the time of the tests that write. The
+# crash tests kill processes, which loses nothing either way (the page cache survives); only a
+# power loss would. test_diskfull.py keeps fsync; CORALFS_UNSAFE_NO_FSYNC=0 keeps it everywhere
+# (``make test-deep`` does). test_store.py checks that a repository syncs by default.
+os.environ.setdefault("CORALFS_UNSAFE_NO_FSYNC", "1")
+
 # Hypothesis profiles: HYPOTHESIS_PROFILE=deep (``make test-deep``) runs many more examples
 # (only where a test does not fix max_examples itself).
 try:

@@ -29,8 +29,14 @@ from coralfs.store.lmdb import Store  # noqa: E402
 from tests.factories import save_pt, sha256, training_series  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = dict(os.environ, CORALFS_AUTO_REPACK="0",
+# fsync stays on here (conftest turns it off elsewhere): a full disk may show at the sync
+ENV = dict(os.environ, CORALFS_AUTO_REPACK="0", CORALFS_UNSAFE_NO_FSYNC="0",
            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+
+
+@pytest.fixture(autouse=True)
+def _fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORALFS_UNSAFE_NO_FSYNC", "0")
 # the real CLI, with ingest batches of 2 MiB instead of 64 (so several are stored before the disk is full)
 SMALL_BATCH_CLI = ("import sys; import coralfs.ingest as i; i.BATCH_BYTES = 2 << 20; "
                    "from coralfs.cli import main; sys.exit(main(sys.argv[1:]))")

@@ -237,6 +237,7 @@ def test_chains_are_fetched_ahead_of_their_decode(tmp_path: Path) -> None:
     # closed (its map is gone, so nothing keeps the pages): evict the file from the page cache
     fd = os.open(path, os.O_RDONLY)
     try:
+        os.fdatasync(fd)  # (dirty pages are not evicted: commits may not have synced them)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)

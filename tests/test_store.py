@@ -138,7 +138,7 @@ def test_direct_reads_of_cold_values(st: Store, monkeypatch: pytest.MonkeyPatch)
     back to the pool when the transaction ends. Values too large for a buffer use pread."""
     values = _fill(st)
     _drop_file_cache(st)
-    direct = st._shared[7]
+    direct = st.direct_pool
     calls = _count_direct(monkeypatch)
     preads = _count_preads(monkeypatch)
     with st.read(buffers=True, direct=True) as t:
@@ -181,7 +181,7 @@ def test_direct_reads_fall_back(st: Store, monkeypatch: pytest.MonkeyPatch) -> N
     """A filesystem that refuses O_DIRECT (EINVAL) turns direct reads off, and a wrong
     computed location is caught by the overflow-page header: right bytes either way."""
     values = _fill(st)
-    direct = st._shared[7]
+    direct = st.direct_pool
     if direct is None:
         pytest.skip("O_DIRECT cannot be opened on this filesystem")
     monkeypatch.setattr(store_mod.Txn, "_resident", lambda self, off, n: False)
@@ -202,7 +202,7 @@ def test_direct_reads_are_bounded(st: Store, monkeypatch: pytest.MonkeyPatch) ->
     """At most MAX_OUT buffers are out at once (nested transactions of a deep chain each
     hold theirs); past that, reads go through pread, and every buffer comes back."""
     values = _fill(st)
-    direct = st._shared[7]
+    direct = st.direct_pool
     if direct is None or not direct.enabled:
         pytest.skip("O_DIRECT is not available on this filesystem")
     monkeypatch.setattr(store_mod.Txn, "_resident", lambda self, off, n: False)
@@ -248,6 +248,21 @@ def test_warm_index_brings_btree_pages_in(tmp_path: Path) -> None:
     assert st.warm_index(("chunks",)) == pages * s["psize"]
     assert resident_pages() - before >= pages - 4  # the tree is in memory now (not the values)
     assert resident_pages() < before + pages + 8  # ... and not the values
-    direct = st._shared[7]
-    assert direct is None or (len(direct._free) == direct.KEEP and direct.out == 0)  # buffers ready
+    direct = st.direct_pool
+    assert direct is None or (direct.idle == direct.KEEP and direct.out == 0)  # buffers ready
     st.close()
+
+
+def test_commits_are_fsynced_unless_a_test_suite_turns_it_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repository syncs every commit (LMDB sync and metasync); only CORALFS_UNSAFE_NO_FSYNC=1,
+    which tests/conftest.py sets for the suite, turns that off."""
+    monkeypatch.delenv(store_mod.NOSYNC_ENV, raising=False)
+    s = Store(tmp_path / "synced", create=True)
+    flags = s.env.flags()
+    s.close()
+    assert flags["sync"] and flags["metasync"]
+    monkeypatch.setenv(store_mod.NOSYNC_ENV, "1")
+    s = Store(tmp_path / "unsynced", create=True)
+    flags = s.env.flags()
+    s.close()
+    assert not flags["sync"] and not flags["metasync"]

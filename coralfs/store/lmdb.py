@@ -27,6 +27,10 @@ from coralfs.store.keys import CHUNKS, DATABASES, OBJECTS, REFS
 
 INITIAL_MAP_SIZE = 1 << 40  # sparse on 64-bit: costs nothing until used
 WARM_BUDGET = 64 << 20  # warm_index: B-tree pages a long-lived reader keeps in memory
+#: For test suites only: ``CORALFS_UNSAFE_NO_FSYNC=1`` opens environments without fsync at
+#: commit (LMDB's ``sync``/``metasync`` off). A killed process loses nothing (its writes are
+#: in the page cache); a power loss or kernel crash can lose or corrupt the repository.
+NOSYNC_ENV = "CORALFS_UNSAFE_NO_FSYNC"
 LOW_SPACE = 64 << 20  # an LMDB write failing with EIO while less than this is free: the disk is full
 T = TypeVar("T")
 _OPEN: dict[tuple[int, str], list] = {}
@@ -91,6 +95,12 @@ class _DirectReads:
         for b in bufs:
             if b is not None:
                 self.give(b)
+
+    @property
+    def idle(self) -> int:
+        """Buffers kept for reuse, not handed out."""
+        with self._lock:
+            return len(self._free)
 
     def give(self, buf: mmap.mmap) -> None:
         with self._lock:
@@ -360,12 +370,13 @@ class Store:
         self._local = threading.local()
         self._key = (os.getpid(), os.path.realpath(self.path))
         self._closed = False
+        sync = os.environ.get(NOSYNC_ENV) != "1"
         with _OPEN_LOCK:  # LMDB allows one environment per file per process: share it
             shared = _OPEN.get(self._key)
             if shared is None:
                 env = lmdb.open(
                     self.path, map_size=INITIAL_MAP_SIZE, max_dbs=len(DATABASES) + 2, readonly=readonly,
-                    max_readers=512, metasync=True, sync=True, lock=True, readahead=False, subdir=True,
+                    max_readers=512, metasync=sync, sync=sync, lock=True, readahead=False, subdir=True,
                 )
                 dbs = {name: env.open_db(name.encode(), create=not readonly) for name in DATABASES}
                 fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDONLY | os.O_CLOEXEC)
@@ -497,8 +508,14 @@ class Store:
     @property
     def direct_reads(self) -> bool:
         """Whether cold values are read with ``O_DIRECT`` (see ``_DirectReads``)."""
-        d = self._shared[7]
+        d = self.direct_pool
         return d is not None and d.enabled
+
+    @property
+    def direct_pool(self) -> _DirectReads | None:
+        """The environment's ``O_DIRECT`` buffer pool (None where the file cannot be opened
+        with ``O_DIRECT``); its ``out`` and ``idle`` count the buffers (tests, diagnostics)."""
+        return self._shared[7]
 
     def warm_index(self, dbs: Iterable[str] = (CHUNKS, OBJECTS, REFS), budget: int = WARM_BUDGET) -> int:
         """Bring these databases' B-tree pages (branches and leaves, not the values) into

@@ -1,6 +1,7 @@
 """Shared pytest fixtures.
 
 * ``make_repo``: a factory for empty repositories in a temporary directory (closed at the end).
+* ``cli``: run the command line in this process (``coralfs.cli.main``), output captured.
 * ``fuse_mounter`` (session) / ``fuse_mount`` (per test): mount a repository with a real
   FUSE filesystem in a subprocess (``python -m coralfs.mount.daemon REPO MOUNTPOINT --foreground``),
   so a crash in the filesystem cannot take the test process down (``FuseMount.kill()``
@@ -205,6 +206,29 @@ def make_repo(tmp_path: Path) -> Iterator[Callable[..., object]]:
     yield make
     for r in repos:
         r.close()
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[int, str, str]]:
+    """``cli(*argv, cwd=None, env=None) -> (exit code, stdout, stderr)``: the command line run in
+    this process (``coralfs.cli.main``, what the console script calls), in ``cwd`` with ``env``
+    added. For what a command does; a test of the process itself (its argv and stdout bytes,
+    a kill, its memory) runs ``python -m coralfs`` in a subprocess."""
+    from coralfs.cli import main
+
+    def run(*argv: str | bytes | os.PathLike[str], cwd: str | os.PathLike[str] | None = None,
+            env: dict[str, str] | None = None) -> tuple[int, str, str]:
+        capsys.readouterr()
+        with monkeypatch.context() as mp:
+            if cwd is not None:
+                mp.chdir(cwd)
+            for k, v in (env or {}).items():
+                mp.setenv(k, v)
+            rc = main([os.fsdecode(a) for a in argv])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run
 
 
 # ---------------------------------------------------------------- shared by every test file

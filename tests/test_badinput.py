@@ -401,15 +401,6 @@ def test_failed_ingest_reports_its_own_error_not_buffererror(repo, monkeypatch):
 
 
 # ------------------------------------------------------------------ exit codes: not a checkpoint (11) vs corruption (9)
-def _cli(*args: str, cwd: str | os.PathLike[str]) -> tuple[int, str, str]:
-    import subprocess
-    import sys
-
-    p = subprocess.run([sys.executable, "-m", "coralfs", *args], cwd=cwd, capture_output=True, text=True,
-                       env=dict(os.environ, CORALFS_AUTO_REPACK="0"))
-    return p.returncode, p.stdout, p.stderr
-
-
 def _evil_pt() -> bytes:
     src = io.BytesIO()
     torch.save({"w": torch.ones(4)}, src)
@@ -424,9 +415,13 @@ def _evil_pt() -> bytes:
     return out.getvalue()
 
 
-def test_not_a_checkpoint_exits_11_and_corruption_exits_9(tmp_path):
+def test_not_a_checkpoint_exits_11_and_corruption_exits_9(tmp_path, cli, monkeypatch):
     from coralfs.errors import IntegrityError, NotACheckpoint
 
+    monkeypatch.setenv("CORALFS_AUTO_REPACK", "0")
+    marker = "/tmp/coralfs-pwned-marker"
+    if os.path.exists(marker):
+        os.unlink(marker)
     assert (NotACheckpoint.exit_code, IntegrityError.exit_code) == (11, 9)
     root = tmp_path / "r"
     r = Repository.init(root)
@@ -447,15 +442,16 @@ def test_not_a_checkpoint_exits_11_and_corruption_exits_9(tmp_path):
         ("broken.safetensors", "b.pt", [], "not a valid safetensors file"),
         ("evil.pt", "e.safetensors", [], "weights-only"),  # used to exit 9
     ]:
-        rc, _, err = _cli("export", spec, out, *extra, cwd=root)
+        rc, _, err = cli("export", spec, out, *extra, cwd=root)
         assert rc == 11 and why in err and spec in err and "Traceback" not in err, (spec, rc, err)
         assert not (root / out).exists()
+    assert not os.path.exists(marker)  # evil.pt's pickle was refused, never run
     # a legacy (non-zip) torch.save file is a checkpoint (stored as bytes): it exports
-    rc, _, err = _cli("export", "legacy.pt", "l.safetensors", cwd=root)
+    rc, _, err = cli("export", "legacy.pt", "l.safetensors", cwd=root)
     assert rc == 0, err
-    rc, _, err = _cli("export", "legacy.pt", "l.pt", cwd=root)
+    rc, _, err = cli("export", "legacy.pt", "l.pt", cwd=root)
     assert rc == 0 and sha256(root / "l.pt") == sha256(legacy.getvalue()), err
-    assert _cli("export", "good.safetensors", "g.pt", cwd=root)[0] == 0
+    assert cli("export", "good.safetensors", "g.pt", cwd=root)[0] == 0
     # corruption keeps exit 9: flip a byte of the tensor's stored record
     r = Repository(root)
     man = r.get_manifest(r.entry("HEAD", "good.safetensors").manifest)
@@ -465,7 +461,7 @@ def test_not_a_checkpoint_exits_11_and_corruption_exits_9(tmp_path):
     rec[-1] ^= 0xFF
     r.store.write(lambda t: t.put("chunks", cid, bytes(rec)))
     r.close()
-    rc, _, err = _cli("export", "good.safetensors", "g2.pt", cwd=root)
+    rc, _, err = cli("export", "good.safetensors", "g2.pt", cwd=root)
     assert rc == 9 and ("corrupt" in err or "does not match" in err), (rc, err)
 
 

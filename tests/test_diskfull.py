@@ -37,9 +37,6 @@ ENV = dict(os.environ, CORALFS_AUTO_REPACK="0", CORALFS_UNSAFE_NO_FSYNC="0",
 @pytest.fixture(autouse=True)
 def _fsync(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CORALFS_UNSAFE_NO_FSYNC", "0")
-# the real CLI, with ingest batches of 2 MiB instead of 64 (so several are stored before the disk is full)
-SMALL_BATCH_CLI = ("import sys; import coralfs.ingest as i; i.BATCH_BYTES = 2 << 20; "
-                   "from coralfs.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 # ------------------------------------------------------------------ small file systems
@@ -92,12 +89,6 @@ def _fill(fs: Path, leave: int) -> Path:
     return filler
 
 
-def _cli(root: Path, *args: str, small_batch: bool = False) -> tuple[int, bytes, str]:
-    cmd = [sys.executable, "-c", SMALL_BATCH_CLI] if small_batch else [sys.executable, "-m", "coralfs"]
-    p = subprocess.run([*cmd, "-R", str(root), *args], capture_output=True, env=ENV, timeout=600)
-    return p.returncode, p.stdout, p.stderr.decode(errors="replace")
-
-
 def _counts(root: Path) -> tuple[int, int]:
     r = Repository(root, auto_repack=False)
     try:
@@ -115,9 +106,14 @@ def _big_checkpoint(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("small_batch", [True, False], ids=["batches-stored-first", "one-batch"])
-def test_cli_add_on_a_full_disk(small_fs, small_batch):
+def test_cli_add_on_a_full_disk(small_fs, small_batch, cli, monkeypatch):
     """``coralfs add`` of a checkpoint that does not fit: exit 12 and one clear line; every earlier
-    commit reads back bit-exactly, fsck is ok, no garbage; once space is freed the add succeeds."""
+    commit reads back bit-exactly, fsck is ok, no garbage; once space is freed the add succeeds.
+    (The CLI runs in this process; ``small_batch``: ingest batches of 2 MiB instead of 64, so
+    several are stored before the disk is full.)"""
+    monkeypatch.setenv("CORALFS_AUTO_REPACK", "0")
+    if small_batch:
+        monkeypatch.setattr(ingest, "BATCH_BYTES", 2 << 20)
     root = small_fs / "repo"
     r = Repository.init(root, auto_repack=False)
     earlier = {}
@@ -131,7 +127,7 @@ def test_cli_add_on_a_full_disk(small_fs, small_batch):
     before = _counts(root)
     filler = _fill(small_fs, 20 << 20)
 
-    rc, _, err = _cli(root, "add", str(big), small_batch=small_batch)
+    rc, _, err = cli("-R", root, "add", big)
     assert rc == NoSpace.exit_code == 12, err
     assert err.count("\n") == 1 and err.startswith("coralfs: error: no space left on device"), err
     assert "unexpected" not in err and "Traceback" not in err and "BufferError" not in err
@@ -139,8 +135,8 @@ def test_cli_add_on_a_full_disk(small_fs, small_batch):
         assert "were removed" in err and "nothing is left behind" in err, err
 
     assert _counts(root) == before  # no chunk or object left behind
-    rc, out, err = _cli(root, "fsck")
-    assert rc == 0 and out.decode().splitlines()[1] == "ok", (out, err)
+    rc, out, err = cli("-R", root, "fsck")
+    assert rc == 0 and out.splitlines()[1] == "ok", (out, err)
     r = Repository(root, auto_repack=False)
     try:
         from coralfs.gc import gc
@@ -153,7 +149,7 @@ def test_cli_add_on_a_full_disk(small_fs, small_batch):
         r.close()
 
     filler.unlink()
-    rc, _, err = _cli(root, "add", str(big), small_batch=small_batch)
+    rc, _, err = cli("-R", root, "add", big)
     assert rc == 0, err
     r = Repository(root, auto_repack=False)
     try:

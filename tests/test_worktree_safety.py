@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -501,24 +502,24 @@ def test_rm_refuses_a_path_through_a_symlinked_directory(repo, tmp_path, outside
     assert repo.rm([os.path.join(repo.root, "d")], cached=True) == ["d/victim.txt"]  # the index only
 
 
-def test_cli_add_and_import_warn_about_symlinks(repo, tmp_path, outside):
+def test_cli_add_and_import_warn_about_symlinks(repo, tmp_path, outside, cli):
     root = Path(repo.root)
     (root / "dir").mkdir()
     (root / "dir" / "a.bin").write_bytes(b"a")
     os.symlink(outside / "secret.txt", root / "dir" / "s.txt")
-    r = coralfs("add", "dir", cwd=root)
-    assert r.returncode == 0 and b"warning: skipped dir/s.txt: symbolic link" in r.stderr, r
-    r = coralfs("add", "dir/s.txt", cwd=root)
-    assert r.returncode == 2 and b"symlinks are not stored" in r.stderr, r
-    assert coralfs("commit", "-m", "a", cwd=root).returncode == 0
+    rc, _, err = cli("add", "dir", cwd=root)
+    assert rc == 0 and "warning: skipped dir/s.txt: symbolic link" in err, err
+    rc, _, err = cli("add", "dir/s.txt", cwd=root)
+    assert rc == 2 and "symlinks are not stored" in err, err
+    assert cli("commit", "-m", "a", cwd=root)[0] == 0
     src = tmp_path / "model"
     (src / "sub").mkdir(parents=True)
     (src / "config.json").write_bytes(b"{}")
     os.symlink(outside / "secret.txt", src / "tokenizer.json")
     os.symlink(outside, src / "sub" / "linked")
-    r = coralfs("import", str(src), "-m", "import", "--no-checkout", cwd=root)
-    assert r.returncode == 0, r
-    assert b"skipped" in r.stderr and b"tokenizer.json" in r.stderr and b"linked" in r.stderr
+    rc, _, err = cli("import", str(src), "-m", "import", "--no-checkout", cwd=root)
+    assert rc == 0, err
+    assert "skipped" in err and "tokenizer.json" in err and "linked" in err
     with Repository(root) as again:
         assert set(again.ls("main")) == {"dir/a.bin", "config.json"}
 
@@ -537,10 +538,10 @@ def _worktree_hashes(root: str) -> dict[str, str]:
             if not k.startswith(".coralfs") and v != "dir"}
 
 
-@pytest.fixture
-def two_branches(tmp_path) -> str:
+@pytest.fixture(scope="module")
+def two_branches_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """main: 6 files; b: 4 of them changed, 2 deleted, 3 new (files of several pieces)."""
-    root = tmp_path / "repo"
+    root = tmp_path_factory.mktemp("two_branches") / "repo"
     with Repository.init(root) as repo:
         commit_files(repo, {f"m/{i}.bin": os.urandom(200_000) for i in range(6)}, "main")
         repo.create_branch("b")
@@ -551,18 +552,26 @@ def two_branches(tmp_path) -> str:
         commit_files(repo, {**{f"m/{i}.bin": os.urandom(150_000) for i in range(2, 6)},
                             **{f"n/{i}.bin": os.urandom(100_000) for i in range(3)}}, "b")
         repo.checkout("main")
+    return root
+
+
+@pytest.fixture
+def two_branches(two_branches_template: Path, tmp_path: Path) -> str:
+    """A copy of ``two_branches_template`` (made once per module), checked out at main."""
+    root = tmp_path / "repo"
+    shutil.copytree(two_branches_template, root, symlinks=True, ignore=shutil.ignore_patterns("lock.mdb"))
     return str(root)
 
 
 @pytest.mark.parametrize("point", ["journal", "change:1", "change:3", "change:6", "temp:1", "temp:4", "refs"])
 @pytest.mark.parametrize("rerun", ["checkout", "status"])
-def test_killed_checkout_is_finished_by_the_next_command(two_branches, point, rerun):
+def test_killed_checkout_is_finished_by_the_next_command(two_branches, point, rerun, cli):
     root = two_branches
     r = coralfs("checkout", "b", cwd=root, env={"CORALFS_CHECKOUT_KILL_AT": point})
     assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
     assert os.path.exists(os.path.join(root, ".coralfs", JOURNAL))
-    r = coralfs(rerun, *(["b"] if rerun == "checkout" else []), cwd=root)
-    assert r.returncode == 0, r.stderr
+    rc, _, err = cli(rerun, *(["b"] if rerun == "checkout" else []), cwd=root)  # (in this process)
+    assert rc == 0, err
     with Repository(root) as repo:
         assert repo.current_branch() == "b"
         assert _worktree_hashes(root) == _tree_hashes(repo, "b")
@@ -572,7 +581,7 @@ def test_killed_checkout_is_finished_by_the_next_command(two_branches, point, re
     assert leftovers == [] and not os.path.exists(os.path.join(root, ".coralfs", JOURNAL))
 
 
-def test_temp_files_are_left_by_a_kill_and_removed_by_the_rerun(two_branches):
+def test_temp_files_are_left_by_a_kill_and_removed_by_the_rerun(two_branches, cli):
     root = two_branches
     r = coralfs("checkout", "b", cwd=root, env={"CORALFS_CHECKOUT_KILL_AT": "temp:2"})
     assert r.returncode == -signal.SIGKILL
@@ -580,20 +589,20 @@ def test_temp_files_are_left_by_a_kill_and_removed_by_the_rerun(two_branches):
     assert len(temps) == 1
     st = os.stat(os.path.join(root, temps[0]))
     assert stat.S_ISREG(st.st_mode)
-    assert coralfs("checkout", "main", cwd=root).returncode == 0  # another target: finishes b first
+    assert cli("checkout", "main", cwd=root)[0] == 0  # another target: finishes b first
     with Repository(root) as repo:
         assert repo.current_branch() == "main" and _worktree_hashes(root) == _tree_hashes(repo, "main")
         assert [log[1].message for log in repo.log("HEAD")] == ["main"]
     assert not [p for p in snapshot(Path(root)) if ".coralfs-tmp" in p]
 
 
-def test_a_killed_recovery_is_recovered_the_same_way(two_branches):
+def test_a_killed_recovery_is_recovered_the_same_way(two_branches, cli):
     root = two_branches
     assert coralfs("checkout", "b", cwd=root, env={"CORALFS_CHECKOUT_KILL_AT": "change:2"}).returncode == -signal.SIGKILL
     r = coralfs("status", cwd=root, env={"CORALFS_CHECKOUT_KILL_AT": "temp:2"})  # the recovery dies too
     assert r.returncode == -signal.SIGKILL
-    r = coralfs("add", ".", cwd=root)  # any work-tree command finishes it
-    assert r.returncode == 0, r.stderr
+    rc, _, err = cli("add", ".", cwd=root)  # any work-tree command finishes it
+    assert rc == 0, err
     with Repository(root) as repo:
         assert repo.current_branch() == "b" and _worktree_hashes(root) == _tree_hashes(repo, "b")
         assert repo.status().clean

@@ -6,6 +6,7 @@ the FUSE-free core (MountView + Writer) for the on-disk contract with gc.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,7 @@ from coralfs.fsck import fsck
 from coralfs.gc import gc
 from coralfs.mount.pending import list_conflicts
 from coralfs.mount.view import MountView
-from coralfs.mount.writer import DEFAULT_COMMIT_DELAY, Writer
+from coralfs.mount.writer import DEFAULT_COMMIT_DELAY, MAX_HOLD, RETRY_SECONDS, Writer
 from coralfs.repository import Repository
 from coralfs.store import keys
 from coralfs.store.objects import MODE_EXEC, MODE_FILE
@@ -152,6 +154,326 @@ def test_view_pending_entries_and_gc_contract(make_repo) -> None:
         v.close()
         w.close()
     assert DEFAULT_COMMIT_DELAY == 1.5 and not os.path.exists(w.session_dir)
+
+
+class Clock:
+    """The writer's clock in a test: time passes when the test says so."""
+
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@contextlib.contextmanager
+def core(repo: Repository, commit_delay: float = DEFAULT_COMMIT_DELAY,
+         max_hold: float = MAX_HOLD) -> Iterator[tuple[MountView, Writer, Clock]]:
+    """The mount without FUSE: a view over a writer with no commit thread, on a test's clock
+    (``tick(w, clock, dt)`` lets time pass and runs a round of the commit loop)."""
+    clock = Clock()
+    w = Writer(repo, commit_delay=commit_delay, max_hold=max_hold, clock=clock)
+    w.start(background=False)
+    v = MountView(repo, writer=w, prefetch_bytes=0)
+    try:
+        yield v, w, clock
+    finally:
+        v.close()
+        w.close()
+
+
+def tick(w: Writer, clock: Clock, dt: float) -> list[str]:
+    clock.t += dt
+    return w.tick()
+
+
+def put(v: MountView, path: str, data: bytes, flags: int = os.O_WRONLY | os.O_CREAT | os.O_TRUNC) -> None:
+    """``open(path, "wb").write(data)`` through the view: create, write, close (flush + release)."""
+    fh = v.create(path, flags)
+    try:
+        v.write(fh, 0, data)
+        v.flush(fh)
+    finally:
+        v.release(fh)
+
+
+def view_read(v: MountView, path: str) -> bytes:
+    fh = v.open(path)
+    try:
+        return v.read(fh, 0, v.fgetattr(fh).size + 1)
+    finally:
+        v.release(fh)
+
+
+def test_fsync_dir_commits_now_and_a_burst_is_one_commit_after_the_quiet_period(make_repo) -> None:
+    """(FUSE-free, on the test's clock.) fsync of the branch directory commits at once; a burst
+    of files is one commit, made once the branch was quiet for ``commit_delay`` (1.5 s), and
+    nothing follows it; every write or close extends the quiet period."""
+    repo = seeded(make_repo)
+    with core(repo) as (v, w, clock):
+        n0 = n_commits(repo)
+        put(v, "/main/a.txt", b"a")
+        put(v, "/main/b.txt", b"b")
+        assert n_commits(repo) == n0  # (closed and stored, not committed yet)
+        v.fsyncdir("/main")  # no time passes
+        assert n_commits(repo) == n0 + 1
+        assert repo.get_commit(repo.branch_head("main")).message == "mount: add a.txt, add b.txt"
+        assert tick(w, clock, 60) == []  # nothing pending: nothing to do
+        # a burst of files inside the quiet period: exactly one commit
+        for i in range(5):
+            put(v, f"/main/f{i}.bin", os.urandom(1000 + i))
+            assert tick(w, clock, 0.15) == []
+        assert tick(w, clock, 1.0) == [] and n_commits(repo) == n0 + 1  # 1.15 s quiet: still waiting
+        assert tick(w, clock, 0.34) == [] and n_commits(repo) == n0 + 1  # 1.49 s
+        assert tick(w, clock, 0.01) == ["main"] and n_commits(repo) == n0 + 2  # 1.5 s
+        assert repo.get_commit(repo.branch_head("main")).message == \
+            "mount: add f0.bin, add f1.bin, add f2.bin, add f3.bin, add f4.bin"
+        assert tick(w, clock, 2.5) == [] and n_commits(repo) == n0 + 2  # nothing follows
+        # writes to one open file keep the burst going: no commit while it is written
+        put(v, "/main/g.txt", b"g")
+        fh = v.create("/main/slow.bin", os.O_WRONLY | os.O_CREAT)
+        for i in range(4):
+            assert tick(w, clock, 1.0) == []
+            v.write(fh, i * 10, b"x" * 10)
+        v.flush(fh)
+        v.release(fh)
+        assert tick(w, clock, 1.4) == [] and n_commits(repo) == n0 + 2
+        assert tick(w, clock, 0.1) == ["main"] and n_commits(repo) == n0 + 3
+        assert repo.get_commit(repo.branch_head("main")).message == "mount: add g.txt, add slow.bin"
+        assert api_sha(repo, "main", "slow.bin") == sha(b"x" * 40)
+
+
+def test_a_file_open_for_writing_holds_the_commit_back(make_repo) -> None:
+    """(FUSE-free.) While a file is open for writing nothing on its branch is committed by the
+    quiet period (its close decides what it holds); once it is closed the burst is one
+    commit. A handle open for ``max_hold`` (60 s) no longer holds the others back, but a file
+    still open for writing is never committed, not even by fsync of the directory."""
+    repo = seeded(make_repo)
+    with core(repo) as (v, w, clock):
+        n0 = n_commits(repo)
+        fh = v.create("/main/held.bin", os.O_WRONLY | os.O_CREAT)
+        v.write(fh, 0, b"x" * 100)
+        put(v, "/main/other.txt", b"other")
+        for _ in range(6):
+            assert tick(w, clock, 0.5) == []  # 3 s
+        assert n_commits(repo) == n0
+        v.flush(fh)
+        v.release(fh)
+        assert tick(w, clock, 1.0) == [] and n_commits(repo) == n0  # (the close is activity too)
+        assert tick(w, clock, 0.5) == ["main"] and n_commits(repo) == n0 + 1
+        assert repo.get_commit(repo.branch_head("main")).message == "mount: add held.bin, add other.txt"
+        # a log file kept open: the others are committed once the first of them waited max_hold
+        log = v.create("/main/train.log", os.O_WRONLY | os.O_CREAT)
+        v.write(log, 0, b"step 1\n")
+        v.fsync(log)  # stored, still open for writing
+        put(v, "/main/ckpt1.pt", b"checkpoint 1")
+        assert tick(w, clock, 30) == [] and tick(w, clock, 29.9) == []
+        assert tick(w, clock, 0.1) == ["main"] and n_commits(repo) == n0 + 2  # 60 s after the first change
+        assert repo.get_commit(repo.branch_head("main")).message == "mount: add ckpt1.pt"
+        assert "train.log" not in repo.ls("main")
+        v.fsyncdir("/main")  # nor at fsync of the directory
+        assert "train.log" not in repo.ls("main") and n_commits(repo) == n0 + 2
+        put(v, "/main/ckpt2.pt", b"checkpoint 2")  # pending for more than max_hold already: 1.5 s quiet
+        assert tick(w, clock, 1.4) == [] and tick(w, clock, 0.1) == ["main"]
+        assert repo.get_commit(repo.branch_head("main")).message == "mount: add ckpt2.pt"
+        v.write(log, 7, b"step 2\n")
+        v.flush(log)
+        v.release(log)
+        assert tick(w, clock, 1.5) == ["main"]
+        assert repo.get_commit(repo.branch_head("main")).message == "mount: add train.log"
+        assert api_sha(repo, "main", "train.log") == sha(b"step 1\nstep 2\n")
+
+
+def test_a_failed_commit_is_retried_later(make_repo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(FUSE-free.) A commit of the quiet period that fails (not a conflict) is logged and tried
+    again ``RETRY_SECONDS`` (5 s) later; what is pending stays pending meanwhile."""
+    from coralfs.errors import CoralError
+    from coralfs.mount import writer as writer_mod
+
+    repo = seeded(make_repo)
+    real = writer_mod.commit_pending
+    calls: list[str] = []
+
+    def failing_once(*a, **kw):
+        calls.append("commit")
+        if len(calls) == 1:
+            raise CoralError("the disk is full (test)")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(writer_mod, "commit_pending", failing_once)
+    with core(repo) as (v, w, clock):
+        n0 = n_commits(repo)
+        put(v, "/main/x.txt", b"x")
+        assert tick(w, clock, 1.5) == ["main"] and n_commits(repo) == n0 and len(calls) == 1  # failed
+        assert tick(w, clock, 4.9) == [] and len(calls) == 1  # waiting to retry
+        assert tick(w, clock, 0.1) == ["main"] and n_commits(repo) == n0 + 1 and len(calls) == 2
+        assert repo.get_commit(repo.branch_head("main")).message == "mount: add x.txt"
+    assert RETRY_SECONDS == 5.0 and MAX_HOLD == 60.0
+
+
+def test_saves_become_commits_with_messages(make_repo) -> None:
+    """(FUSE-free; test_checkpoint_saves_become_commits does it with torch through the kernel.)
+    A save is one commit once quiet, the next save of the same file is the next commit
+    ("update"), a multi-file save is one commit naming every file."""
+    repo = seeded(make_repo)
+    with core(repo) as (v, w, clock):
+        head0 = repo.branch_head("main")
+        first = os.urandom(300_000)
+        put(v, "/main/model.pt", first)
+        assert view_read(v, "/main/model.pt") == first  # read back at once (pending)
+        assert tick(w, clock, 1.5) == ["main"]
+        c1 = repo.branch_head("main")
+        assert repo.get_commit(c1).message == "mount: add model.pt" and repo.get_commit(c1).parents == (head0,)
+        second = first[:100_000] + os.urandom(1000) + first[101_000:]
+        put(v, "/main/model.pt", second)
+        assert tick(w, clock, 1.5) == ["main"]
+        c2 = repo.branch_head("main")
+        assert repo.get_commit(c2).message == "mount: update model.pt" and repo.get_commit(c2).parents == (c1,)
+        assert api_sha(repo, "main", "model.pt") == sha(second) and api_sha(repo, c1, "model.pt") == sha(first)
+        files = {"config.json": b'{"hidden": 128, "step": 2}', "generation_config.json": b'{"max_length": 20}',
+                 "model.safetensors": os.urandom(50_000), "tokenizer.json": b'{"vocab": [1, 2, 3]}'}
+        for name, data in files.items():
+            put(v, f"/main/{name}", data)
+            assert tick(w, clock, 0.5) == []
+        assert tick(w, clock, 1.0) == ["main"] and tick(w, clock, 10) == []
+        c3 = repo.branch_head("main")
+        assert repo.get_commit(c3).parents == (c2,)
+        assert repo.get_commit(c3).message == ("mount: update config.json, add generation_config.json, "
+                                               "add model.safetensors, add tokenizer.json")
+        assert tree_shas(repo, c3) == {**{p: api_sha(repo, c2, p) for p in repo.ls(c2)},
+                                       **{p: sha(d) for p, d in files.items()}}
+
+
+def test_failed_rewrite_shows_what_was_last_stored(make_repo) -> None:
+    """(FUSE-free; test_failed_close_is_never_committed checks the close's error through the
+    kernel.) A new file whose close failed is gone once its last handle goes; an existing
+    file whose rewrite failed shows the version last stored (also after a rename); neither is
+    ever committed, by fsync of the directory or at the unmount."""
+    from coralfs.errors import IngestFailed
+    from coralfs.mount import writer as writer_mod
+
+    repo = seeded(make_repo)
+    old = repo.open("main", "config.json").read()
+    os.environ[writer_mod.FAIL_ENV] = "full:2"  # the first two ingests of paths with "full" fail
+    writer_mod._fail_counts.clear()
+    try:
+        with core(repo, commit_delay=60) as (v, w, _clock):
+            fh = v.create("/main/full.bin", os.O_WRONLY | os.O_CREAT)
+            v.write(fh, 0, os.urandom(200_000))
+            with pytest.raises(IngestFailed) as ei:
+                v.flush(fh)
+            assert ei.value.errno == errno.ENOSPC
+            assert "full.bin" in v.readdir("/main")  # (still open)
+            v.release(fh)
+            assert "full.bin" not in v.readdir("/main")  # a new file that never stored anything: gone
+            v.rename("/main/config.json", "/main/fullconfig.json")
+            fh = v.open("/main/fullconfig.json", os.O_WRONLY | os.O_TRUNC)
+            v.write(fh, 0, b"never acknowledged")
+            with pytest.raises(IngestFailed):
+                v.flush(fh)
+            v.release(fh)
+            assert view_read(v, "/main/fullconfig.json") == old
+            put(v, "/main/fine.txt", b"the mount still writes")
+            v.fsyncdir("/main")
+            files = repo.ls("main")
+            assert "full.bin" not in files and "fine.txt" in files and api_sha(repo, "main", "fullconfig.json") == sha(old)
+        assert "full.bin" not in repo.ls("main")  # nor at the unmount
+    finally:
+        del os.environ[writer_mod.FAIL_ENV]
+        writer_mod._fail_counts.clear()
+
+
+def test_rename_over_a_file_being_written(make_repo) -> None:
+    """(FUSE-free; found by the model.) A closed file renamed over one still open for writing:
+    the path shows the renamed file at once; the replaced file's writer keeps its handle (it
+    reads what it wrote) and its close stores nothing; the commit holds the renamed file."""
+    repo = seeded(make_repo)
+    a = repo.open("main", "old.pt").read()
+    with core(repo, commit_delay=60) as (v, w, clock):
+        fh = v.create("/main/b.bin", os.O_RDWR | os.O_CREAT)
+        v.write(fh, 0, b"being written")
+        v.rename("/main/old.pt", "/main/b.bin")
+        assert view_read(v, "/main/b.bin") == a and v.getattr("/main/b.bin").size == len(a)
+        assert v.read(fh, 0, 100) == b"being written" and v.fgetattr(fh).size == 13
+        assert tick(w, clock, 60) == ["main"]  # (the replaced file, open for writing, holds nothing back)
+        assert repo.get_commit(repo.branch_head("main")).message == "mount: add b.bin, remove old.pt"
+        v.write(fh, 13, b" and more")
+        v.flush(fh)
+        v.release(fh)
+        assert view_read(v, "/main/b.bin") == a
+        assert sorted(v.readdir("/main")) == ["b.bin", "config.json", "data"]
+    assert api_sha(repo, "main", "b.bin") == sha(a) and "old.pt" not in repo.ls("main")
+
+
+def test_the_directory_of_a_discarded_file_stays(make_repo) -> None:
+    """(FUSE-free; found by the model.) A file renamed into a directory, over its only file,
+    while still being written, then discarded (its close failed): the directory stays (as
+    any directory does until rmdir); the path shows nothing (nothing was stored there)."""
+    from coralfs.errors import IngestFailed
+    from coralfs.mount import writer as writer_mod
+
+    repo = seeded(make_repo)
+    with core(repo, commit_delay=60) as (v, w, _clock):
+        fh = v.create("/main/tmp.bin", os.O_WRONLY | os.O_CREAT)
+        v.write(fh, 0, b"new data")
+        v.rename("/main/tmp.bin", "/main/data/train.bin")
+        os.environ[writer_mod.FAIL_ENV] = "train.bin:1"
+        writer_mod._fail_counts.clear()
+        try:
+            with pytest.raises(IngestFailed):
+                v.flush(fh)
+        finally:
+            del os.environ[writer_mod.FAIL_ENV]
+        v.release(fh)
+        assert v.readdir("/main/data") == [] and "data" in v.readdir("/main")
+        v.rmdir("/main/data")
+        assert "data" not in v.readdir("/main")
+        v.fsyncdir("/main")
+    assert "data/train.bin" not in repo.ls("main") and "tmp.bin" not in repo.ls("main")
+
+
+def test_a_write_of_nothing_extends_nothing(make_repo) -> None:
+    """(FUSE-free; found by the model; the kernel sends no empty writes.) ``write(fd, b"")`` at an
+    offset past the end leaves the size alone: stat and read agree."""
+    repo = seeded(make_repo)
+    with core(repo, commit_delay=60) as (v, _w, _clock):
+        fh = v.create("/main/f.bin", os.O_RDWR | os.O_CREAT)
+        v.write(fh, 0, b"abc")
+        assert v.write(fh, 5000, b"") == 0
+        assert v.fgetattr(fh).size == 3 and v.getattr("/main/f.bin").size == 3 and v.read(fh, 0, 10) == b"abc"
+        v.flush(fh)
+        v.release(fh)
+        v.fsyncdir("/main")
+    assert repo.open("main", "f.bin").read() == b"abc"
+
+
+def test_unstorable_names_are_refused_at_create(make_repo) -> None:
+    """(FUSE-free; test_posix_operations checks the errno through the kernel.) A name the
+    repository cannot store or check out is refused when the file (or directory) is created
+    or renamed to, never at close() after the data was accepted."""
+    from coralfs.errors import InvalidPath, NameTooLong
+
+    repo = seeded(make_repo)
+    with core(repo, commit_delay=60) as (v, _w, _clock):
+        long = "/main/" + "x" * 256  # a local file system's limit is 255 bytes a name (FUSE would pass 1024)
+        for op in (lambda: v.create(long), lambda: v.mkdir(long), lambda: v.rename("/main/config.json", long)):
+            with pytest.raises(NameTooLong) as ei:
+                op()
+            assert ei.value.errno == errno.ENAMETOOLONG
+        deep = "/main"
+        with pytest.raises(NameTooLong):
+            for _ in range(20):  # 20 x 250 bytes: a path over 4095 bytes
+                deep += "/" + "d" * 249
+                v.mkdir(deep)
+        assert len(deep.encode()) - len("/main/") > 4095
+        with pytest.raises(InvalidPath) as ei:
+            v.create("/main/.coralfs")  # reserved (the store's directory in a work tree)
+        assert ei.value.errno == errno.EINVAL
+        ok = "y" * 255
+        put(v, f"/main/{ok}", b"fits")
+        v.fsyncdir("/main")
+    assert api_sha(repo, "main", ok) == sha(b"fits")
+    assert not [p for p in repo.ls("main") if p.startswith(("x", "d" * 249))]
 
 
 # ====================================================================== checkpoints through a real mount

@@ -270,7 +270,7 @@ class WriteNamespace:
             durable, bind = _moved_entries(cv, moves)
             replaced = (dst_file,) if isinstance(dst_file, Staged) else ()
             w.change(branch, head, self._commit_view(head).files, durable=durable, bind=bind, unbind=replaced,
-                     add_dirs=tuple(nsub + d[len(osub):] for d in dirs_from) + (_parent(osub),),
+                     add_dirs=tuple(nsub + d[len(osub):] for d in dirs_from) + (_parent(osub), _parent(nsub)),
                      remove_dirs=tuple(dirs_from) + ((nsub,) if dst_dir else ()))
             if dst_file is not None:
                 self._rehome(new, None)

@@ -149,7 +149,7 @@ class BranchState:
     pend: dict[str, PendItem] = field(default_factory=dict)  # mirror of the branch's LMDB entries
     live: dict[str, Staged] = field(default_factory=dict)  # paths bound to staged files
     dirs: set[str] = field(default_factory=set)  # directories that live only in this session
-    last_activity: float = 0.0  # time.monotonic() of the last write or namespace change
+    last_activity: float = 0.0  # Writer.clock() of the last write or namespace change
     first_pending: float | None = None
     writers: int = 0  # open-for-write handles
     retry_at: float = 0.0
@@ -168,11 +168,14 @@ class Writer:
     """The write side of one mount: staged files, pending entries, the commit thread."""
 
     def __init__(self, repo: Repository, *, commit_delay: float = DEFAULT_COMMIT_DELAY, max_hold: float = MAX_HOLD,
-                 mountpoint: str | None = None) -> None:
+                 mountpoint: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.repo = repo
         self.commit_delay = commit_delay
         self.max_hold = max_hold
         self.mountpoint = mountpoint
+        #: seconds, for every quiet-period, max-hold and retry decision (a test injects its own
+        #: and drives the commit loop with :meth:`tick`: no thread, no real time)
+        self.clock = clock
         self.lock = threading.RLock()  # namespace state; never held while waiting for an ingest
         self.branches: dict[str, BranchState] = {}
         self.version = 0  # bumped on every namespace change (the view caches overlays by it)
@@ -216,7 +219,7 @@ class Writer:
                     b, p = keys.pending_path(k, v)
                     self._state(b).pend[p] = PendItem.decode(v)
             for st in self.branches.values():
-                st.first_pending = time.monotonic() if st.pend else None
+                st.first_pending = self.clock() if st.pend else None
         if background:
             self._thread = threading.Thread(target=self._run, name="coralfs-commit", daemon=True)
             self._thread.start()
@@ -257,7 +260,7 @@ class Writer:
         return st
 
     def _touch(self, st: BranchState) -> None:
-        st.last_activity = time.monotonic()
+        st.last_activity = self.clock()
 
     def take_invalidations(self) -> list[str]:
         """Mount paths whose overlay changed behind the kernel's back (e.g. a refused burst)."""
@@ -373,11 +376,12 @@ class Writer:
             except OSError as e:
                 self._poison(s, e)
                 raise
-            s.size = max(s.size, offset + n)
+            if n:  # (a write of nothing does not extend the file)
+                s.size = max(s.size, offset + n)
             s.mtime = time.time()
         st = self.branches.get(s.branch)
         if st is not None:
-            st.last_activity = time.monotonic()
+            st.last_activity = self.clock()
         return n
 
     def truncate(self, s: Staged, length: int) -> None:
@@ -568,7 +572,7 @@ class Writer:
             else:
                 st.pend[p] = it
         if st.pend and st.first_pending is None:
-            st.first_pending = time.monotonic()
+            st.first_pending = self.clock()
         elif not st.pend:
             st.first_pending = None
         self.version += 1
@@ -593,6 +597,8 @@ class Writer:
                     with contextlib.suppress(OSError):
                         s.write_meta()
         for s in unbind:
+            if s.path is not None and st.live.get(s.path) is s:
+                del st.live[s.path]  # (a file renamed over it: the path shows that one now)
             s.path = None
             with contextlib.suppress(OSError):
                 s.write_meta()
@@ -673,7 +679,7 @@ class Writer:
         prefix = keys.pending_prefix(branch)
         with self.repo.store.read() as t:
             st.pend = {keys.path_of_raw(prefix, k, v): PendItem.decode(v) for k, v in t.items("index", prefix)}
-        st.first_pending = (st.first_pending or time.monotonic()) if st.pend else None
+        st.first_pending = (st.first_pending or self.clock()) if st.pend else None
         self.version += 1
 
     def sync(self, branch: str) -> bytes | None:
@@ -687,29 +693,40 @@ class Writer:
         for b in names:
             self.sync(b)
 
+    def tick(self, now: float | None = None) -> list[str]:
+        """One round of the commit loop at ``now`` (default ``self.clock()``): commit each branch
+        whose pending changes are due -- ``commit_delay`` seconds without activity, something
+        pending that is not open for writing, no open-for-write handle on the branch unless its
+        first pending change is ``max_hold`` seconds old, and not waiting to retry a failed commit
+        (a failure is logged and the branch tried again ``RETRY_SECONDS`` later). Returns the
+        branches it tried to commit. The commit thread runs it every tick; a test calls it."""
+        if now is None:
+            now = self.clock()
+        due = []
+        with self.lock:
+            for name, st in self.branches.items():
+                if not st.pend or now < st.retry_at or now - st.last_activity < self.commit_delay:
+                    continue
+                held = {p for p, s in st.live.items() if s.writers > 0}
+                if all(p in held for p in st.pend):
+                    continue  # only files still open for writing: nothing to commit yet
+                if st.writers == 0 or (st.first_pending is not None and now - st.first_pending >= self.max_hold):
+                    due.append((name, st))
+        for name, st in due:
+            try:
+                self.commit(name)
+            except Exception as e:
+                st.retry_at = max(now, self.clock()) + RETRY_SECONDS
+                log.error("committing the mount's changes to %s failed (%s: %s); retrying in %.0f s", name,
+                          type(e).__name__, e, RETRY_SECONDS)
+        if self._trash:
+            self.empty_trash()
+        return [name for name, _ in due]
+
     def _run(self) -> None:
         tick = max(0.02, min(0.1, self.commit_delay / 4))
         while not self._stop.wait(tick):
-            now = time.monotonic()
-            due = []
-            with self.lock:
-                for name, st in self.branches.items():
-                    if not st.pend or now < st.retry_at or now - st.last_activity < self.commit_delay:
-                        continue
-                    held = {p for p, s in st.live.items() if s.writers > 0}
-                    if all(p in held for p in st.pend):
-                        continue  # only files still open for writing: nothing to commit yet
-                    if st.writers == 0 or (st.first_pending is not None and now - st.first_pending >= self.max_hold):
-                        due.append((name, st))
-            for name, st in due:
-                try:
-                    self.commit(name)
-                except Exception as e:
-                    st.retry_at = time.monotonic() + RETRY_SECONDS
-                    log.error("committing the mount's changes to %s failed (%s: %s); retrying in %.0f s", name,
-                              type(e).__name__, e, RETRY_SECONDS)
-            if self._trash:
-                self.empty_trash()
+            self.tick()
 
 
 def _kill_hook(point: str) -> Callable[[int, int], None] | None:

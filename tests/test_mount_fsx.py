@@ -1,7 +1,7 @@
 """fsx (tests/fsx_coral.py) on a branch file of a real mount with a 0.1 s commit delay.
 
-``make test``: 500 operations on each of two seeds, mmap reads and writes on, the second
-with another process committing to the branch meanwhile (~15 s). ``CORALFS_DEEP=1`` (``make
+``make test``: 300 operations on each of two seeds, mmap reads and writes on, the second
+with another process committing to the branch meanwhile (~8 s). ``CORALFS_DEEP=1`` (``make
 test-deep``): 100k operations in all over four seeds (``CORALFS_FSX_OPS`` operations for each
 of ``CORALFS_FSX_SEEDS``, a comma-separated list; every second seed with the other process).
 The races these find are timing-dependent: a pass on one run is no proof.
@@ -27,7 +27,7 @@ if DEEP:
     OPS = int(os.environ.get("CORALFS_FSX_OPS", str(100_000 // len(SEEDS))))
 else:
     SEEDS = [int(s) for s in os.environ.get("CORALFS_FSX_SEEDS", "1301,1302").split(",")]
-    OPS = int(os.environ.get("CORALFS_FSX_OPS", "500"))
+    OPS = int(os.environ.get("CORALFS_FSX_OPS", "300"))
 RUNS = [(seed, CHURN if i % 2 else []) for i, seed in enumerate(SEEDS)]
 
 

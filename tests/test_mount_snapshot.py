@@ -40,7 +40,7 @@ DEEP = os.environ.get("CORALFS_DEEP", "") not in ("", "0")
 MiB = 1 << 20
 # the stress test: how long the writer commits in deep mode (normal mode: STRESS_COMMITS commits)
 STRESS_SECONDS = float(os.environ.get("CORALFS_STRESS_SECONDS", "600"))
-STRESS_COMMITS = int(os.environ.get("CORALFS_STRESS_COMMITS", "16"))
+STRESS_COMMITS = int(os.environ.get("CORALFS_STRESS_COMMITS", "10"))
 
 
 def _env() -> dict[str, str]:
@@ -205,7 +205,7 @@ def test_reopen_right_after_a_commit_sees_one_whole_version(make_repo, fuse_moun
     shows the old or the new version, whole, with that version's size (fstat and mmap), and
     keeps showing it after the mount has noticed the commit; the fd opened before the commit
     keeps the old one."""
-    rounds = 6
+    rounds = 12 if DEEP else 4
     vs = Versions([3 * MiB + 123, *plan_sizes(rounds, seed=5, lo=90 << 10, hi=5 * MiB)])
     repo = seeded_repo(make_repo, {"f.bin": vs.data[0]})
     m = fuse_mount(repo.root)
@@ -247,7 +247,7 @@ def test_closed_file_keeps_its_size_while_the_mount_commits_it(make_repo, fuse_m
     repo = seeded_repo(make_repo, {"README": b"closed-file test\n"})
     m = fuse_mount(repo.root, "--commit-delay", "60")
     path = m / "main/f.bin"
-    seconds = STRESS_SECONDS if DEEP else 6.0
+    seconds = STRESS_SECONDS if DEEP else 3.0
     state = {"seq": 0, "closed": False, "size": 0, "byte": 0, "stop": False}
     bad: list[str] = []
     checks = Counter()
@@ -418,7 +418,7 @@ def test_stress_readers_see_whole_versions(make_repo, fuse_mount, tmp_path: Path
     whose size fstat reports; short reads only at that version's end; @commits paths never
     change; a new open never shows a version superseded more than 15 s before.
 
-    ``make test``: 16 commits (~8 s). ``CORALFS_DEEP=1``: commits for
+    ``make test``: 10 commits (~5 s). ``CORALFS_DEEP=1``: commits for
     ``CORALFS_STRESS_SECONDS`` (600), going round 200 versions."""
     n_versions = 200 if DEEP else STRESS_COMMITS + 1
     sizes = plan_sizes(n_versions, seed=13)

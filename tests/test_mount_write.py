@@ -514,9 +514,9 @@ def test_checkpoint_saves_become_commits(make_repo, fuse_mount, tmp_path: Path) 
     save_file({k: v.contiguous() for k, v in sd2.items()}, local / "model.safetensors", metadata={"format": "pt"})
     for name, data in files.items():
         (Path(m.path) / "main" / name).write_bytes(data)
-    wait_for(lambda: repo.branch_head("main") != c2, what="the commit of the save_pretrained burst")
-    time.sleep(1.2)  # (more than the commit delay: nothing else follows)
+    fsync_dir(m / "main")  # (what a trainer's save callback may do: commit the directory now)
     c3 = repo.branch_head("main")
+    assert c3 != c2
     assert repo.get_commit(c3).parents == (c2,)
     assert repo.get_commit(c3).message == ("mount: update config.json, add generation_config.json, "
                                            "add model.safetensors, add tokenizer.json")
@@ -682,38 +682,27 @@ def test_posix_operations(make_repo, fuse_mount) -> None:
 
 
 def test_burst_is_one_commit_fsync_dir_commits_now(make_repo, fuse_mount) -> None:
+    """Through the kernel: an fsync of the branch directory commits at once, and the daemon's
+    commit thread makes a burst one commit after its quiet period. (The timing rules -- the
+    quiet period, a file open for writing holding the commit back, max-hold, retries -- are
+    tested on an injected clock, FUSE-free, above and in test_mount_model.py.)"""
     repo = seeded(make_repo)
-    m = fuse_mount(repo.root, "--commit-delay", "2")
+    m = fuse_mount(repo.root, "--commit-delay", "0.3")
     b = Path(m.path) / "main"
     n0 = n_commits(repo)
-    # fsync of the branch directory commits at once
+    # fsync of the branch directory commits at once (a burst written faster than the quiet period)
     (b / "a.txt").write_bytes(b"a")
     (b / "b.txt").write_bytes(b"b")
-    t = time.monotonic()
     fsync_dir(b)
-    assert time.monotonic() - t < 1.5 and n_commits(repo) == n0 + 1
+    assert n_commits(repo) == n0 + 1
     assert repo.get_commit(repo.branch_head("main")).message == "mount: add a.txt, add b.txt"
-    # a burst of files inside the quiet period: exactly one commit
+    # a burst, then quiet: one commit by the daemon's commit thread
     for i in range(5):
         (b / f"f{i}.bin").write_bytes(os.urandom(1000 + i))
-        time.sleep(0.15)
-    time.sleep(1.0)
-    assert n_commits(repo) == n0 + 1  # still quiet-waiting
     wait_for(lambda: n_commits(repo) == n0 + 2, what="the burst's commit")
-    time.sleep(2.5)
-    assert n_commits(repo) == n0 + 2
+    assert repo.get_commit(repo.branch_head("main")).message == \
+        "mount: " + ", ".join(f"add f{i}.bin" for i in range(5))
     assert {f"f{i}.bin" for i in range(5)} <= set(repo.ls("main"))
-    # a file held open for writing holds the commit back until it is closed
-    f = open(b / "held.bin", "wb")  # noqa: SIM115
-    try:
-        f.write(b"x" * 100)
-        (b / "other.txt").write_bytes(b"other")
-        time.sleep(3.0)
-        assert n_commits(repo) == n0 + 2
-    finally:
-        f.close()
-    wait_for(lambda: n_commits(repo) == n0 + 3, what="the commit after the close")
-    assert {"held.bin", "other.txt"} <= set(repo.ls("main"))
 
 
 def test_commits_and_tags_immutable_branch_dirs(make_repo, fuse_mount, tmp_path: Path) -> None:

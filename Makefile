@@ -24,12 +24,13 @@ install: deps-system deps-python
 demo: install
 	$(PYTHON) examples/demo.py
 
+# two pytest workers: most of the FUSE tests wait on the kernel and the daemon, not the CPU
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n 2 tests
 
 .PHONY: test-deep
 test-deep: install
-	CORALFS_DEEP=1 HYPOTHESIS_PROFILE=deep CORALFS_UNSAFE_NO_FSYNC=0 $(PYTHON) -m pytest -q tests
+	CORALFS_DEEP=1 CORALFS_UNSAFE_NO_FSYNC=0 $(PYTHON) -m pytest -q tests
 
 lint:
 	ruff check coralfs tests bench examples

@@ -7,6 +7,7 @@ docstring is the default message (borg style).
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 
 
 class CoralError(Exception):
@@ -98,11 +99,30 @@ class MergeConflict(CoralError):
     exit_code = 8
 
 
+class MergeConflicts(MergeConflict):
+    """merge conflict"""
+
+    def __init__(self, conflicts: Sequence[object], branch: str = "") -> None:
+        self.conflicts = list(conflicts)  # coralfs.merge.Conflict values
+        head = "; ".join(str(c) for c in self.conflicts[:8])
+        more = f" (and {len(self.conflicts) - 8} more)" if len(self.conflicts) > 8 else ""
+        super().__init__(f"{len(self.conflicts)} merge conflict(s): {head}{more}; "
+                         f"{branch or 'the branch'} is unchanged (resolve with --strategy / --strategy-for)")
+
+
 class IntegrityError(CoralError):
     """stored data does not match its id (corruption)"""
 
     exit_code = 9
     errno = errno.EIO
+
+
+class GcAborted(IntegrityError):
+    """gc stopped: a reachable object is missing or corrupt (run `coralfs fsck`)"""
+
+
+class UnknownKeys(GcAborted):
+    """gc stopped: keys that belong to no key family (coralfs.store.keys)"""
 
 
 class MissingObject(IntegrityError):

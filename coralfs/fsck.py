@@ -44,8 +44,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from coralfs.errors import CoralError, MissingObject
-from coralfs.gc import GcAborted, gc
+from coralfs.errors import CoralError, GcAborted, MissingObject
+from coralfs.gc import gc
 from coralfs.hashing import ID_LEN, digest, hasher
 from coralfs.reader import FileView
 from coralfs.store import keys, refs

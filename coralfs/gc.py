@@ -60,7 +60,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from coralfs.codec import records
-from coralfs.errors import ConcurrentUpdate, CoralError, IntegrityError
+from coralfs.errors import ConcurrentUpdate, CoralError, GcAborted, IntegrityError, UnknownKeys
 from coralfs.hashing import digest, hasher
 from coralfs.store import keys
 from coralfs.store.lmdb import Txn
@@ -80,14 +80,6 @@ KILL_ENV = "CORALFS_GC_KILL_AT"
 BATCH_KEYS = 2000  # deletions per sweep transaction
 BATCH_BYTES = 64 << 20  # bytes of re-encoded records per transaction
 GRACE_SECONDS = 0.25
-
-
-class GcAborted(IntegrityError):
-    """gc stopped: a reachable object is missing or corrupt (run `coralfs fsck`)"""
-
-
-class UnknownKeys(GcAborted):
-    """gc stopped: keys that belong to no key family (coralfs.store.keys)"""
 
 
 @dataclass

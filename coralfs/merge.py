@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coralfs.diff import is_checkpoint, segment_bytes, segment_key
-from coralfs.errors import CoralError, InvalidArgument, MergeConflict, UnknownRevision
+from coralfs.errors import CoralError, InvalidArgument, MergeConflicts, UnknownRevision
 from coralfs.export import CheckpointLoadError, load_weights_only
 from coralfs.reader import FileReader
 from coralfs.repository import Repository
@@ -92,16 +92,6 @@ class Conflict:
     def to_json(self) -> dict[str, Any]:
         return {"path": self.path, "name": self.name, "reason": self.reason}
 
-
-class MergeConflicts(MergeConflict):
-    """merge conflict"""
-
-    def __init__(self, conflicts: list[Conflict], branch: str = "") -> None:
-        self.conflicts = list(conflicts)
-        head = "; ".join(str(c) for c in self.conflicts[:8])
-        more = f" (and {len(self.conflicts) - 8} more)" if len(self.conflicts) > 8 else ""
-        super().__init__(f"{len(self.conflicts)} merge conflict(s): {head}{more}; "
-                         f"{branch or 'the branch'} is unchanged (resolve with --strategy / --strategy-for)")
 
 
 @dataclass(frozen=True)

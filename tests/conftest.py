@@ -36,14 +36,16 @@ ROOT = Path(__file__).resolve().parent.parent
 # (``make test-deep`` does). test_store.py checks that a repository syncs by default.
 os.environ.setdefault("CORALFS_UNSAFE_NO_FSYNC", "1")
 
-# Hypothesis profiles: HYPOTHESIS_PROFILE=deep (``make test-deep``) runs many more examples
-# (only where a test does not fix max_examples itself).
+# Hypothesis profiles (tests/depth.py): "quick" for make test, "deep" for make test-deep
+# (only where a test does not set its example counts itself: those use depth.pick).
 try:
     from hypothesis import settings as _hypothesis_settings
 
+    from tests import depth as _depth
+
+    _hypothesis_settings.register_profile("quick", max_examples=100, deadline=None)
     _hypothesis_settings.register_profile("deep", max_examples=2000, deadline=None)
-    if os.environ.get("HYPOTHESIS_PROFILE"):
-        _hypothesis_settings.load_profile(os.environ["HYPOTHESIS_PROFILE"])
+    _hypothesis_settings.load_profile(_depth.PROFILE)
 except ImportError:  # (hypothesis is a dev dependency)
     pass
 

@@ -35,9 +35,9 @@ from safetensors.torch import save as st_save  # noqa: E402
 
 from coralfs.formats import split  # noqa: E402
 from coralfs.repository import Repository  # noqa: E402
+from tests.depth import DEEP as _DEEP  # noqa: E402
 from tests.factories import TinyNet, train_steps, varied_state_dict  # noqa: E402
 
-_DEEP = os.environ.get("HYPOTHESIS_PROFILE") == "deep"
 _COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
                derandomize=not _DEEP)
 SPLIT = settings(max_examples=3000 if _DEEP else 400, **_COMMON)

@@ -18,9 +18,9 @@ import torch
 
 from coralfs.cli import main as cli_main
 from coralfs.codec import records
-from coralfs.errors import ConcurrentUpdate, IntegrityError, UnknownRevision
+from coralfs.errors import ConcurrentUpdate, GcAborted, IntegrityError, UnknownRevision
 from coralfs.fsck import fsck
-from coralfs.gc import GcAborted, Marker, gc, lmdb_info
+from coralfs.gc import Marker, gc, lmdb_info
 from coralfs.prune import plan_prune, prune_branch
 from coralfs.repository import Repository
 from tests.factories import ReadersRunning

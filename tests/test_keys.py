@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from coralfs.errors import UnknownKeys
 from coralfs.fsck import fsck
-from coralfs.gc import UnknownKeys, gc
+from coralfs.gc import gc
 from coralfs.repository import Repository
 from coralfs.store import keys
 from coralfs.store.objects import MODE_FILE, TreeEntry

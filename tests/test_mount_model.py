@@ -82,8 +82,8 @@ from coralfs.mount.writer import Writer
 from coralfs.repository import Repository
 from coralfs.store import keys
 from coralfs.store.objects import MODE_EXEC, MODE_FILE, TreeEntry
+from tests.depth import DEEP
 
-DEEP = os.environ.get("HYPOTHESIS_PROFILE") == "deep"
 DELAY = 1.5  # the writer's commit_delay (seconds of the machine's clock)
 MAX_HOLD = 60.0
 BRANCH = "main"

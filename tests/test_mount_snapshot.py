@@ -32,11 +32,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.depth import DEEP
 from tests.snapshot_tools import Contents, mmap_read, plan_sizes, read_fd
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "coralfs"]
-DEEP = os.environ.get("CORALFS_DEEP", "") not in ("", "0")
+
 MiB = 1 << 20
 # the stress test: how long the writer commits in deep mode (normal mode: STRESS_COMMITS commits)
 STRESS_SECONDS = float(os.environ.get("CORALFS_STRESS_SECONDS", "600"))

@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import os
 import random
 import shutil
 import tempfile
@@ -68,8 +67,7 @@ from coralfs.fsck import fsck  # noqa: E402
 from coralfs.gc import gc  # noqa: E402
 from coralfs.prune import prune_branch  # noqa: E402
 from coralfs.repository import Repository  # noqa: E402
-
-DEEP = os.environ.get("HYPOTHESIS_PROFILE") == "deep"
+from tests.depth import DEEP  # noqa: E402
 
 PATHS = ("model.safetensors", "ckpt/optim.pt", "config.json", "données/é.bin")
 SAVE_PATHS = tuple(p for p in PATHS if p.endswith((".safetensors", ".pt")))

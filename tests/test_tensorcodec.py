@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from coralfs.codec import tensor as tc
 from coralfs.errors import FormatError
+from tests.depth import pick
 
 ALL_CODECS = (tc.RAW, tc.ZSTD, tc.PLANES, tc.XOR, tc.SUB, tc.LIN2)
 WIDTHS = (1, 2, 3, 4, 8, 0, 16)  # 3, 0, 16 are treated as 1
@@ -116,7 +117,7 @@ def make_base(rng, raw: bytes, width: int, kind: str) -> bytes:
 # --------------------------------------------------------------------------- properties
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=pick(150, 1500), deadline=None)
 @given(
     raw=st.binary(max_size=600),
     width=st.sampled_from(WIDTHS),
@@ -134,7 +135,7 @@ def test_forced_codec_roundtrip_bytes(raw, width, codec, flags, k1, k2, seed):
     roundtrip(codec, payload, raw, width, base, base2)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=pick(120, 1200), deadline=None)
 @given(
     fp=float_patterns(),
     codec=st.sampled_from(ALL_CODECS),
@@ -152,7 +153,7 @@ def test_forced_codec_roundtrip_float_patterns(fp, codec, flags, k1, k2, seed):
     roundtrip(codec, payload, raw, width, base, base2)
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=pick(120, 1200), deadline=None)
 @given(
     fp=float_patterns(),
     k1=base_kinds,
@@ -168,7 +169,7 @@ def test_encode_roundtrip(fp, k1, k2, nbases, seed):
     encode_roundtrip(raw, width, base, base2)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=pick(40, 400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(fp=float_patterns(), k1=base_kinds, seed=st.integers(0, 2**32 - 1))
 def test_encode_roundtrip_sampled_path(fp, k1, seed):
     """Force the sample-then-compress path on small inputs (sample smaller than the chunk)."""

@@ -169,7 +169,8 @@ def cmd_diff(args: argparse.Namespace, repo: Any) -> int:
 
 # ------------------------------------------------------------------ merge
 def cmd_merge(args: argparse.Namespace, repo: Any) -> int:
-    from coralfs.merge import MergeConflicts, MergeOptions, merge
+    from coralfs.errors import MergeConflicts
+    from coralfs.merge import MergeOptions, merge
 
     opts = MergeOptions(args.strategy, args.weight, args.lam, args.density,
                         tuple(MergeOptions.parse_rule(r) for r in args.strategy_for))

@@ -2,7 +2,7 @@
 shipped reverse chains (newest version whole, older versions demoted by the repacker), and
 simple reverse-chain models.
 
-The mount's read targets (issue 4) want the newest version of a series to read about as
+The mount's read targets (bench/mount.py's TARGETS) want the newest version of a series to read about as
 fast as the oldest. With forward deltas (each version a delta against the one before,
 two-level chains of depth <= 4, keyframe every 16) the newest is the most expensive
 version to read. With reverse deltas the newest version is a keyframe and each older

@@ -1,6 +1,6 @@
 """Issues 4 and 5 speed: reading and writing real checkpoints through the coralfs mount vs local disk.
 
-Reading (issue 4), side by side, in one run:
+Reading, side by side, in one run:
 
 1. ``cat`` of a 100+ MB training checkpoint to /dev/null: first read (page cache dropped,
    fresh mount) and re-read (page cache warm).
@@ -19,7 +19,7 @@ None of those is over 100 MB, so the 100+ MB checkpoint is made here: a byte-lev
 transformer trained for a few AdamW steps on Python's standard library source, saved
 with its optimizer state. Everything is cached under ``bench/.cache/mount-bench``.
 
-Writing (issue 5): writing is committing through the mount, against saving to local disk
+Writing: writing is committing through the mount, against saving to local disk
 (the repository's work tree, same filesystem) followed by ``repo.add`` + ``repo.commit``:
 
 5. ``torch.save`` of the 100+ MB training checkpoint (model + AdamW state) as a new file.
@@ -71,7 +71,7 @@ from coralfs.mount.sessions import live_sessions  # noqa: E402
 from coralfs.repository import Repository  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache" / "mount-bench"
-TARGETS = {  # the issue's targets: mount vs local
+TARGETS = {  # the targets: mount vs local
     "reread": ("re-read throughput >= 80% of local", lambda r: r >= 0.8),
     "torch_load": ("torch.load first read <= 2x local", lambda r: r <= 2.0),
     "one_tensor": ("one tensor <= 2x local", lambda r: r <= 2.0),
@@ -178,10 +178,10 @@ def build_repo(series: list[Path], ft: list[Path], big: Path) -> tuple[str, dict
     sources = [*series, ft[0], ft[-1], big]
     key: list[Any] = [[str(p), p.stat().st_size, int(p.stat().st_mtime)] for p in sources]
     code = hashlib.sha256()  # a change to how data is stored rebuilds the repository
-    for mod in ("ingest.py", "codec/records.py", "codec/tensor.py", "store/objects.py", "repack.py"):
+    for mod in ("ingest.py", "codec/records.py", "codec/tensor.py", "store/objects.py", "store/keys.py", "repack.py"):
         f = ROOT / "coralfs" / mod
-        if f.exists():
-            code.update(f.read_bytes())
+        assert f.exists(), f"bench/mount.py's cache key names {f}, which is gone: update the list"
+        code.update(f.read_bytes())
     key.append(code.hexdigest())
     meta_path = CACHE / "repo.json"
     if meta_path.exists() and (repo_dir / ".coralfs").exists():
@@ -279,7 +279,7 @@ def local_cold(fn: Callable[[], object], reps: int) -> float:
 def side_by_side(m: Mounter, local: Callable[[], object], mounted: Callable[[str], object],
                  reps: int) -> tuple[float, float]:
     """First reads, local and through a fresh mount alternating (which goes first alternates
-    too), so both see the same machine: the disk of this VM drifts by +-30% over minutes.
+    too), so both see the same machine: the disk of the benchmark machine drifts by +-30% over minutes.
     Returns the two medians."""
     lt: list[float] = []
     mt: list[float] = []
@@ -422,7 +422,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-# ------------------------------------------------------------------ writing (issue 5)
+# ------------------------------------------------------------------ writing
 def next_step(ckpt: dict[str, Any]) -> dict[str, Any]:
     """One more AdamW step from a ``make_big_checkpoint`` checkpoint: the next one a training
     loop would save (most tensors change a little: the delta case)."""
@@ -668,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--readahead-kb", type=int, default=READAHEAD_KB, help="kernel readahead for the mount")
     p.add_argument("--json", metavar="PATH", help="also write the raw results here")
     p.add_argument("--prepare", action="store_true", help="only build the data and the repository")
-    p.add_argument("--only", choices=("read", "write"), help="only the read (issue 4) or write (issue 5) cases")
+    p.add_argument("--only", choices=("read", "write"), help="only the read or the write cases")
     p.add_argument("--disk-readahead-kb", type=int, metavar="KB",
                    help="set the repository disk's read_ahead_kb for this run, restored after (root; a what-if: "
                         "the default is to leave the machine as it is)")

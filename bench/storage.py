@@ -1,4 +1,4 @@
-"""Storage benchmark (issue 3): coralfs vs compressors, delta tools and dedup backups.
+"""Storage benchmark: coralfs vs compressors, delta tools and dedup backups.
 
 Each checkpoint series of ``bench/corpus.py`` is committed to a fresh coralfs
 repository, one commit per checkpoint, in order, always at the same path (a model
@@ -13,7 +13,7 @@ directory keeps its layout), as a user would. The same files go through the peer
   coralfs stored;
 * throughput: coralfs ingest (add + commit) vs ``zstd -3 -T2`` on the largest file,
   and read-back of the newest version of the longest series vs ``zstd -d``;
-* the issue's targets with PASS/FAIL.
+* the storage targets with PASS/FAIL (``targets()``).
 
 Every coralfs read-back (every version of every series, and each timed read) is
 checked by sha256 against the original file; a mismatch aborts the run.
@@ -693,7 +693,7 @@ def targets(results: list[SeriesResult], tp: Throughput | None) -> str:
     else:
         rows.append([f"newest-version read >= {TARGET_SPEED}x zstd -d speed", f"{tp.read_ratio:.2f}x",
                      pf(tp.read_ratio >= TARGET_SPEED)])
-    return md_table(["target (issue 3)", "measured", "result"], rows)
+    return md_table(["target", "measured", "result"], rows)
 
 
 def notes(results: list[SeriesResult], peer_names: Sequence[str]) -> list[str]:

@@ -1,4 +1,4 @@
-"""What does checkpointing with coralfs cost a training loop? (issue 7)
+"""What does checkpointing with coralfs cost a training loop?
 
 A short real training run (an MLP on a synthetic, learnable classification task, AdamW,
 CPU) is timed end to end, wall clock, in several variants:

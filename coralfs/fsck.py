@@ -163,8 +163,8 @@ class Checker:
         for name, v in ref_items:
             self.report.refs += 1
             if name == refs.HEAD:
-                if v.startswith(keys.SYMREF):
-                    target = v[len(keys.SYMREF):].decode(errors="replace")
+                target = refs.symref_target(v)
+                if target is not None:
                     if not target.startswith(refs.BRANCH):
                         self.problems.append(Problem("ref", "HEAD", f"points at {target!r}, not a branch"))
                     continue

@@ -336,12 +336,10 @@ class Collector:
                     continue
                 if any(b not in marker.chunks for b in h.bases):
                     orphans.append((h.depth, cid))
-            for db in keys.DATABASES:
-                if db in keys.DATA_DATABASES:
-                    continue
-                for key, v in t.items(db):
-                    if not _entry_live(db, key, v, marker):
-                        self.dead_index.append((db, key))
+            for fam in keys.families(role=keys.Role.DERIVED):  # (only a derived entry can be dead)
+                for key, v in fam.items(t):
+                    if not _entry_live(fam.db, key, v, marker):
+                        self.dead_index.append((fam.db, key))
         stats.commits = marker.commits
         self.say(f"marked {marker.commits} commits, {len(marker.objects)} objects, {len(marker.chunks)} chunks")
         _hook("mark")

@@ -65,8 +65,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coralfs.diff import is_checkpoint, segment_bytes, segment_key
-from coralfs.errors import CoralError, InvalidArgument, MergeConflicts, UnknownRevision
-from coralfs.export import CheckpointLoadError, load_weights_only
+from coralfs.errors import CheckpointLoadError, CoralError, InvalidArgument, MergeConflicts, UnknownRevision
+from coralfs.export import load_weights_only
 from coralfs.reader import FileReader
 from coralfs.repository import Repository
 from coralfs.store.objects import Manifest, Segment, TreeEntry

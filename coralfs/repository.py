@@ -218,7 +218,7 @@ class Repository:
 
     def warm_index(self) -> int:
         """Bring the store's B-tree pages (chunk, object and ref lookups, not the data) into
-        memory, within ``store.WARM_BUDGET``; for long-lived readers such as the mount.
+        memory, within ``lmdb.WARM_BUDGET``; for long-lived readers such as the mount.
         Returns the bytes walked."""
         return self.objects.store.warm_index()
 

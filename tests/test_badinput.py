@@ -160,7 +160,7 @@ def test_streaming_memory_is_bounded(tmp_path):
     assert peak - base < 160 * 1024, f"anonymous memory grew by {(peak - base) // 1024} MiB for a 384 MiB file"
 
 
-# ------------------------------------------------------------------ valid but unusual files (issue 13, item 5)
+# ------------------------------------------------------------------ valid but unusual files: stored exactly
 def _st_bytes(tensors: dict | None = None) -> bytes:
     from safetensors.torch import save
 

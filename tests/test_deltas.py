@@ -1,4 +1,4 @@
-"""Delta base selection, shape changes, frozen tensors and stats arithmetic (issue 3)."""
+"""Delta base selection, shape changes, frozen tensors and stats arithmetic."""
 
 from __future__ import annotations
 

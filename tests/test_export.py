@@ -16,8 +16,12 @@ from safetensors.torch import load as st_load  # noqa: E402
 from safetensors.torch import save as st_save  # noqa: E402
 
 from coralfs import cli  # noqa: E402
-from coralfs.errors import CoralError, NothingToCommit  # noqa: E402
-from coralfs.export import CheckpointLoadError, export_bytes, export_file, import_dir  # noqa: E402
+from coralfs.errors import (  # noqa: E402
+    CheckpointLoadError,  # noqa: E402
+    CoralError,
+    NothingToCommit,
+)
+from coralfs.export import export_bytes, export_file, import_dir  # noqa: E402
 from coralfs.repository import Repository  # noqa: E402
 from tests.factories import training_series, varied_state_dict  # noqa: E402
 

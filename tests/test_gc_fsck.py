@@ -23,6 +23,7 @@ from coralfs.fsck import fsck
 from coralfs.gc import Marker, gc, lmdb_info
 from coralfs.prune import plan_prune, prune_branch
 from coralfs.repository import Repository
+from coralfs.store import keys
 from tests.factories import ReadersRunning
 
 N_TENSOR = 48 * 1024  # float32 elements per tensor
@@ -195,7 +196,7 @@ def test_gc_keeps_tags_branches_stage_and_pending(tmp_path):
         repo.create_branch("other", ids[3].hex())
         staged = repo.save(_state(40), "staged.pt")  # staged, not committed
         pend = repo.save(_state(41), "pending.pt", stage=False)  # as a mount would record it
-        repo.store.write(lambda t: t.put("index", b"pend\x00main/pending.pt",
+        repo.store.write(lambda t: t.put(keys.INDEX, keys.pending_key("main", "pending.pt"),
                                          json.dumps({"m": pend.manifest.hex()}).encode()))
         prune_branch(repo, "main", keep_last=1)
         before = _all_files(repo)
@@ -324,8 +325,8 @@ def test_fsck_detects_missing_object_and_gc_refuses(pruned):
 def test_fsck_repairs_stale_index_and_garbage(pruned):
     gc(pruned, grace=0)
     bogus = b"\x01" * 32
-    pruned.store.write(lambda t: (t.put("index", b"tb\x00float32\x00gone\x000", bogus),
-                                  t.put("index", b"st\x00gone.pt", json.dumps({"sig": [], "m": bogus.hex()}).encode()),
+    pruned.store.write(lambda t: (t.put(keys.INDEX, keys.tensor_index_key("float32", "gone", 0), bogus),
+                                  t.put(keys.INDEX, keys.stat_key("gone.pt"), json.dumps({"sig": [], "m": bogus.hex()}).encode()),
                                   t.put("chunks", b"\x02" * 32, b"garbage that is no record")))
     r = fsck(pruned)
     assert not r.ok and all(p.repairable for p in r.problems) and len(r.problems) == 3

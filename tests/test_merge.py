@@ -17,8 +17,11 @@ torch = pytest.importorskip("torch")
 from safetensors.torch import load as st_load  # noqa: E402
 
 from coralfs import cli  # noqa: E402
-from coralfs.errors import MergeConflict, WouldOverwrite  # noqa: E402
-from coralfs.export import CheckpointLoadError  # noqa: E402
+from coralfs.errors import (  # noqa: E402
+    CheckpointLoadError,  # noqa: E402
+    MergeConflict,
+    WouldOverwrite,
+)
 from coralfs.merge import MergeOptions, is_ancestor, merge, merge_base, merge_bases  # noqa: E402
 from coralfs.repository import Repository  # noqa: E402
 from coralfs.store.objects import TreeEntry  # noqa: E402

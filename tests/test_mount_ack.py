@@ -1,6 +1,5 @@
 """Only what close()/fsync() acknowledged is ever committed; one writable mount per repository;
-other users get the permissions the mount shows (issue: "never wrong bytes, never outside the
-work tree", items 3 and 4). Real FUSE mounts, real disk-full, real other users."""
+other users get the permissions the mount shows. Real FUSE mounts, real disk-full, real other users."""
 
 from __future__ import annotations
 

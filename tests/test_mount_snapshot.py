@@ -1,6 +1,6 @@
 """A file opened from a branch directory is a snapshot for the life of that handle.
 
-The promise (README, "The mount"; issue 13 item 1): content, ``fstat`` size and ``mmap`` of
+The promise (README, "The mount"): content, ``fstat`` size and ``mmap`` of
 an open fd stay the version it opened; a new open after a commit sees the new version,
 never a mix; the kernel's attribute and page caches never serve one version's bytes under
 another's size. The same for the mount's own commits: a file closed through the mount shows
@@ -165,7 +165,7 @@ def poll_new_opens(vs: Versions, path: str, want: int, allowed: set[int], when: 
 
 # ====================================================================== deterministic
 def test_open_fd_keeps_its_version_when_the_branch_moves(make_repo, fuse_mount) -> None:
-    """Issue 13 item 1, deterministic: v0 (3 MiB) open and read; another process commits v1
+    """Deterministic: v0 (3 MiB) open and read; another process commits v1
     (700 KiB); the open fd still shows v0 (pread, fstat, mmap); a new open shows v1."""
     vs = Versions([3 * MiB, 700 * 1024])
     v0, v1 = vs.data
@@ -244,7 +244,7 @@ def test_closed_file_keeps_its_size_while_the_mount_commits_it(make_repo, fuse_m
     after the mount commits it: ``touch`` + ``stat`` (the attributes the mount returns for a
     setattr are cached by the kernel) and open + fstat + read, hammered by other threads while
     the writer closes versions of alternating sizes and fsyncs the branch directory (which
-    commits at once). (fsx's "a reopened file showed the previous head's size", issue 13.)"""
+    commits at once). (fsx once found "a reopened file showed the previous head's size".)"""
     repo = seeded_repo(make_repo, {"README": b"closed-file test\n"})
     m = fuse_mount(repo.root, "--commit-delay", "60")
     path = m / "main/f.bin"

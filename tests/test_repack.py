@@ -195,7 +195,7 @@ def test_fsck_reports_and_repairs_stale_repack_entries(tmp_path: Path) -> None:
 
 def test_a_corrupt_version_or_a_malformed_entry_does_not_stall_the_queue(tmp_path: Path) -> None:
     from coralfs.codec import records
-    from coralfs.store.keys import DEMOTIONS as PENDING_PREFIX
+    from coralfs.store.keys import DEMOTIONS
 
     datas = _versions(3)
     with Repository.init(tmp_path / "r", auto_repack=False) as repo:
@@ -206,7 +206,7 @@ def test_a_corrupt_version_or_a_malformed_entry_does_not_stall_the_queue(tmp_pat
         h = records.parse_header(bytes(rec))
         rec[h.payload_offset + (len(rec) - h.payload_offset) // 2] ^= 0x40
         repo.store.write(lambda t: (t.put("chunks", victim, bytes(rec)),
-                                    t.put("index", PENDING_PREFIX + b"junk", b"")))
+                                    t.put("index", DEMOTIONS + b"junk", b"")))
         repo.objects.chunk_cache.clear()
         s = repo.repack()
         assert repo.pending_demotions() == 0 and s.dropped >= 2 and s.demoted > 0

@@ -1,4 +1,4 @@
-"""A repository can never touch anything outside its own directory (issue 13, item 2).
+"""A repository can never touch anything outside its own directory.
 
 Hostile trees (crafted object bytes put straight into the store, bypassing validation),
 hostile work trees (symlinks made by the user or swapped in during a checkout), paths
@@ -27,7 +27,7 @@ from coralfs.fsck import fsck
 from coralfs.gc import gc
 from coralfs.hashing import digest
 from coralfs.repository import Repository
-from coralfs.store import refs
+from coralfs.store import keys, refs
 from coralfs.store.objects import TYPE_TREE, Commit, Tree, TreeEntry, check_path, deserialize
 from coralfs.store.refs import Refs
 from coralfs.worktree import JOURNAL
@@ -312,7 +312,7 @@ def test_long_paths_use_hashed_keys_with_the_path_in_the_value(repo):
     repo.add([os.path.join(repo.root, path.split("/")[0])])  # a directory: found by walking
     with repo.store.read() as t:
         stage = list(t.items("stage"))
-        stat_keys = [(k, v) for k, v in t.items("index", b"st\x00")]
+        stat_keys = [(k, v) for k, v in t.items(keys.INDEX, keys.STAT_CACHE)]
     assert len(stage) == 1 and stage[0][0].startswith(b"/") and json.loads(stage[0][1])["path"] == path
     assert len(stat_keys) == 1 and json.loads(stat_keys[0][1])["path"] == path
     # a deleted directory is staged as deleted through a scan (a prefix scan would miss the hashed key)
@@ -329,7 +329,7 @@ def test_long_paths_use_hashed_keys_with_the_path_in_the_value(repo):
     mid, man, _ = repo.ingest_buffer(memoryview(b"saved"), "x.bin")
     repo.stage_entry(saved, TreeEntry(mid, man.size))
     with repo.store.read() as t:
-        skip = list(t.items("index", b"sw\x00"))
+        skip = list(t.items(keys.INDEX, keys.SKIP_WORKTREE))
     assert len(skip) == 1 and json.loads(skip[0][1])["path"] == saved
     st = repo.status()
     assert st.staged == {saved: "added"} and st.deleted == []

@@ -8,14 +8,14 @@ version 0 read version 0's bytes cut at version 1's size once a commit moved the
 (a read must never return wrong bytes). The low-level API lets the filesystem choose the inode of
 every lookup, so each version of a file gets its own inode (see :mod:`coralfs.mount.nodes`).
 mfusepy has no low-level binding; it still loads libfuse for us (the same library search,
-``FUSE_LIBRARY_PATH``, the libfuse 3 preference of :func:`coralfs.fuse.load_mfusepy`) and
+``FUSE_LIBRARY_PATH``, the libfuse 3 preference of :func:`load_mfusepy`) and
 provides the ABI-aware structures (``fuse_file_info`` across libfuse 3 minor versions,
 ``struct stat``, ``struct statvfs``, ``fuse_conn_info``), which are reused here.
 
 The operation table follows ``struct fuse_lowlevel_ops`` of libfuse 3.x (fuse_lowlevel.h;
 the order has been stable since 3.0; fields past the ones libfuse knows are never read,
 ``op_size`` says how many we pass). Every callback must reply exactly once; the
-dispatcher in :mod:`coralfs.mount.daemon` guarantees that.
+adapter's dispatcher (``CoralFS._guard`` in :mod:`coralfs.mount.fuse_ops`) guarantees that.
 """
 
 from __future__ import annotations

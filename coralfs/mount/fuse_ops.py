@@ -569,7 +569,7 @@ class CoralFS:
         return 0
 
 
-#: requests that change something: the caller's uid is recorded (see mountwrite.REQUEST)
+#: requests that change something: the caller's uid is recorded (see coralfs.mount.writer.REQUEST)
 _WRITES = frozenset({"create", "open", "write_buf", "flush", "fsync", "setattr", "mkdir", "unlink", "rmdir",
                      "rename", "fallocate", "mknod", "release", "fsyncdir"})
 _SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}

@@ -19,8 +19,10 @@ Chunks are decoded through the repository's ObjectStore (decoded-chunk LRU, one 
 per chunk at a time: concurrent requests for it wait for that one), and the next chunks
 of a sequential reader are decoded ahead on a small thread pool.
 
-``poll_changes()`` tells the FUSE adapter which paths to invalidate in the kernel when a
-branch or tag moves (the adapter uses long attribute/entry timeouts).
+When a branch or tag moves, ``read_refs()`` and ``take_invalidations()`` tell the inode
+table (:meth:`coralfs.mount.nodes.NodeTable.revalidate`) which names changed; the FUSE
+adapter (``CoralFS.refresh``) invalidates those in the kernel (it uses long attribute and
+entry timeouts).
 
 Writing (with a :class:`coralfs.mount.writer.Writer`; without one every write is refused
 with :class:`ReadOnly`, EROFS): a branch directory is writable and writing is committing,

@@ -279,7 +279,7 @@ class ObjectStore:
         for attempt in (0, 1):
             try:
                 # the record is read with one exact read, O_DIRECT when it is not in the
-                # page cache (store.Txn); bases are fetched in their own short transactions
+                # page cache (lmdb.Txn); bases are fetched in their own short transactions
                 memo: dict[bytes, Any] = {}
                 with self.store.read(buffers=True, direct=True) as t:
                     record = t.get("chunks", cid)

@@ -60,6 +60,14 @@ def _short(v: bytes | None) -> str:
     return v.hex()[:12] if len(v) == ID_LEN else v.decode(errors="replace")
 
 
+def symref_target(value: bytes) -> str | None:
+    """The ref a symbolic ref's stored value points at (HEAD attached to a branch), or None
+    when the value is not symbolic (an id, or something else: fsck judges it)."""
+    if not value.startswith(keys.SYMREF):
+        return None
+    return value[len(keys.SYMREF):].decode(errors="replace")
+
+
 def _key(ref: str) -> bytes:
     return ref.encode(errors="surrogateescape")
 

@@ -80,6 +80,16 @@ def default_author() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+
+def repo_root(path: str | os.PathLike[str]) -> str:
+    """The repository directory for ``path`` (which may name its .coralfs); nothing is opened."""
+    p = os.path.abspath(os.fspath(path))
+    if os.path.basename(p) == CORAL_DIR:
+        p = os.path.dirname(p)
+    if not os.path.isfile(os.path.join(p, CORAL_DIR, "store", "data.mdb")):
+        raise NotARepository(f"not a coralfs repository: {p}")
+    return p
+
 class Repository:
     """A coralfs repository. ``Repository(path)`` opens one; ``Repository.init(path)`` makes one."""
 
@@ -137,12 +147,7 @@ class Repository:
                         raise NotARepository("not a coralfs repository (or any parent): "
                                              f"{os.getcwd()} (use -R PATH or CORALFS_REPO)")
                     d = parent
-        p = os.path.abspath(os.fspath(path))
-        if os.path.basename(p) == CORAL_DIR:
-            p = os.path.dirname(p)
-        if not os.path.isfile(os.path.join(p, CORAL_DIR, "store", "data.mdb")):
-            raise NotARepository(f"not a coralfs repository: {p}")
-        return p
+        return repo_root(path)
 
     @classmethod
     def init(cls, path: str | os.PathLike[str], default_branch: str = "main", **kw: Any) -> Repository:

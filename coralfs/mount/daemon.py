@@ -90,7 +90,7 @@ from typing import TYPE_CHECKING, Any
 
 from coralfs.codec import kernels
 from coralfs.errors import CoralError, InvalidArgument
-from coralfs.mount.mtab import is_mounted, log_path, mounts, repo_root
+from coralfs.mount.mtab import fsync_dir, is_mounted, log_path, mounts, repo_root
 from coralfs.mount.options import MountOptions, add_mount_arguments
 
 if TYPE_CHECKING:  # imported lazily: `coralfs --help` stays cheap
@@ -329,11 +329,7 @@ def umount(mountpoint: str | os.PathLike[str], lazy: bool = False) -> None:
         stale = e.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
     if not stale and fstype == "fuse.coralfs":
         try:
-            fd = os.open(mp, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(mp)
         except OSError as e:  # e.g. a refused (conflicting) burst: it is kept, see mount.log
             log.warning("committing pending changes before unmounting %s: %s", mp, e.strerror)
     errors: list[str] = []

@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import os
 
-from coralfs.errors import NotARepository
+from coralfs.repository import CORAL_DIR, repo_root
 
-CORAL_DIR = ".coralfs"
 LOG_NAME = "mount.log"
-
-
-def repo_root(path: str | os.PathLike[str]) -> str:
-    """The repository directory for ``path`` (which may name its .coralfs); nothing is opened."""
-    p = os.path.abspath(os.fspath(path))
-    if os.path.basename(p) == CORAL_DIR:
-        p = os.path.dirname(p)
-    if not os.path.isfile(os.path.join(p, CORAL_DIR, "store", "data.mdb")):
-        raise NotARepository(f"not a coralfs repository: {p}")
-    return p
 
 
 def log_path(repo: str | os.PathLike[str]) -> str:
     return os.path.join(repo_root(repo), CORAL_DIR, LOG_NAME)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync of a directory: on a branch directory of a mount, "commit its changes now"."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _unescape_mount_field(s: str) -> str:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from coralfs.errors import AlreadyMounted, CoralError
+from coralfs.mount.mtab import fsync_dir, log_path
 from coralfs.mount.pending import Outcome, PendItem, commit_pending
 from coralfs.store import keys
 from coralfs.store.objects import TreeEntry
@@ -276,14 +277,10 @@ def flush(root: str, branches: list[str] | None = None) -> FlushReport:
         for s in live:
             for target in [os.path.join(s["mountpoint"], b) for b in branches or []] or [s["mountpoint"]]:
                 try:
-                    fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    fsync_dir(target)
                 except OSError as e:
                     raise CoralError(f"the mount on {s['mountpoint']} could not commit {target}: {e.strerror} "
-                                     f"(see {os.path.join(root, '.coralfs', 'mount.log')})") from None
+                                     f"(see {log_path(root)})") from None
         report.mountpoint = live[0]["mountpoint"]
         with Repository(root) as repo:
             after = repo.branches()
